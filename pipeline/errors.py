@@ -1,0 +1,41 @@
+"""The exception tree: one root, subclasses that say what went wrong.
+
+Each class also subclasses the builtin a caller would naturally catch, so
+``except ValueError`` around a bad argument keeps working.
+"""
+
+
+class PipelineError(Exception):
+    """Root of every error raised on purpose by fcn-pipeline."""
+
+
+class ModelAnalysisError(PipelineError, ValueError):
+    """A model contains an operation whose receptive field cannot be derived."""
+
+
+class GeometryError(PipelineError, ValueError):
+    """Tile geometry cannot be built from the given shapes and sizes."""
+
+
+class ModelError(PipelineError):
+    """A model or its spec cannot be loaded or used."""
+
+
+class ModelSpecError(ModelError, ValueError):
+    """A model spec file is invalid; the message names the field."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """Invalid run configuration; the message names the setting."""
+
+
+class SceneError(PipelineError):
+    """A scene cannot be used; the message names the file and the cause."""
+
+
+class SceneReadError(SceneError, OSError):
+    """A scene, or one of its blocks, cannot be read."""
+
+
+class OutputError(PipelineError, OSError):
+    """An output cannot be written."""

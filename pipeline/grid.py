@@ -1,0 +1,237 @@
+"""Tile geometry: core tiles of the output plane, their windows and crops.
+
+Pure Python: no torch, files or Dask. Per axis, output cell ``j`` covers input
+pixels ``j * stride ... j * stride + stride - 1``; a core tile of output cells
+``[j0, j1)`` is read through a window of input pixels that covers the
+receptive field of every cell in it, with window edges on the ``align`` grid
+unless they are scene edges (where the network pads exactly as on the whole
+scene). Running the network on the window and cropping its output with
+``crop`` gives the whole-scene output on the core.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pipeline.errors import GeometryError
+from pipeline.receptive import Halo, ReceptiveField, align_down, align_up
+
+Pair = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Half-open interval ``[start, stop)`` along one axis."""
+
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+    def shift(self, by: int) -> "Span":
+        return Span(self.start + by, self.stop + by)
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangle as row and column spans."""
+
+    rows: Span
+    cols: Span
+
+    @property
+    def shape(self) -> Pair:
+        return (self.rows.size, self.cols.size)
+
+    @property
+    def origin(self) -> Pair:
+        return (self.rows.start, self.cols.start)
+
+    @property
+    def area(self) -> int:
+        return self.rows.size * self.cols.size
+
+    def slices(self) -> tuple[slice, slice]:
+        return (self.rows.slice(), self.cols.slice())
+
+
+@dataclass(frozen=True)
+class AxisPart:
+    """One tile along one axis: output core, input window, crop of the window's output."""
+
+    core: Span
+    window: Span
+    crop: Span
+
+
+def plan_axis(
+    n_in: int,
+    n_out: int,
+    tile: int,
+    *,
+    stride: int,
+    align: int,
+    halo_before: int,
+    halo_after: int,
+) -> tuple[AxisPart, ...]:
+    """Cut one axis of ``n_out`` output cells into cores of ``tile`` cells.
+
+    ``n_in`` is the input length; the halo is in input pixels around each
+    core's cells. Windows are clamped to ``[0, n_in)`` and their inner edges
+    put on multiples of ``align``.
+    """
+    if min(n_in, n_out, tile, stride, align) < 1:
+        raise GeometryError(
+            f"lengths, tile, stride and align must be positive: n_in={n_in}, n_out={n_out}, "
+            f"tile={tile}, stride={stride}, align={align}"
+        )
+    if align % stride:
+        raise GeometryError(f"align {align} is not a multiple of stride {stride}")
+    parts = []
+    for j0 in range(0, n_out, tile):
+        j1 = min(j0 + tile, n_out)
+        lo = j0 * stride - halo_before
+        hi = j1 * stride + halo_after
+        w0 = 0 if lo <= 0 else align_down(lo, align)
+        w1 = n_in if hi >= n_in else min(n_in, align_up(hi, align))
+        shift = w0 // stride
+        parts.append(AxisPart(Span(j0, j1), Span(w0, w1), Span(j0 - shift, j1 - shift)))
+    return tuple(parts)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A core tile of the output plane and the window that computes it."""
+
+    index: Pair
+    core: Box
+    window: Box
+    crop: Box
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The partition of a scene's output plane into core tiles, with windows.
+
+    ``scene_shape`` is the input ``(rows, cols)``; ``output_shape`` what the
+    network gives on the whole scene; ``tile_shape`` the core tile in output
+    cells. Build it with :meth:`build`.
+    """
+
+    scene_shape: Pair
+    output_shape: Pair
+    tile_shape: Pair
+    stride: Pair
+    align: Pair
+    halo: Halo
+    rows: tuple[AxisPart, ...]
+    cols: tuple[AxisPart, ...]
+
+    @classmethod
+    def build(
+        cls,
+        scene_shape: Pair,
+        output_shape: Pair,
+        field: ReceptiveField,
+        tile_size: int | Pair,
+        halo: Halo | int | Pair | None = None,
+    ) -> "TileGrid":
+        """Tiles of about ``tile_size`` input pixels a side for a scene.
+
+        ``halo=None`` takes the field's derived halo; an explicit halo
+        overrides it. ``tile_size`` is in input pixels and is rounded up to a
+        whole number of output cells.
+        """
+        tile_in = (tile_size, tile_size) if isinstance(tile_size, int) else tuple(tile_size)
+        if len(tile_in) != 2 or min(tile_in) < 1:
+            raise GeometryError(f"tile size must be a positive int or pair, got {tile_size!r}")
+        if min(scene_shape) < 1 or min(output_shape) < 1:
+            raise GeometryError(
+                f"scene {scene_shape} and output {output_shape} shapes must be positive"
+            )
+        used = field.halo() if halo is None else Halo.of(halo)
+        tile_out = tuple(math.ceil(t / s) for t, s in zip(tile_in, field.stride))
+        axes = [
+            plan_axis(
+                scene_shape[k],
+                output_shape[k],
+                tile_out[k],
+                stride=field.stride[k],
+                align=field.align[k],
+                halo_before=used.before[k],
+                halo_after=used.after[k],
+            )
+            for k in (0, 1)
+        ]
+        return cls(
+            scene_shape=tuple(scene_shape),  # type: ignore[arg-type]
+            output_shape=tuple(output_shape),  # type: ignore[arg-type]
+            tile_shape=tile_out,  # type: ignore[arg-type]
+            stride=field.stride,
+            align=field.align,
+            halo=used,
+            rows=axes[0],
+            cols=axes[1],
+        )
+
+    @property
+    def grid_shape(self) -> Pair:
+        """Number of tiles along rows and columns."""
+        return (len(self.rows), len(self.cols))
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def tile(self, i: int, j: int) -> Tile:
+        r, c = self.rows[i], self.cols[j]
+        return Tile((i, j), Box(r.core, c.core), Box(r.window, c.window), Box(r.crop, c.crop))
+
+    def __iter__(self) -> Iterator[Tile]:
+        for i in range(len(self.rows)):
+            for j in range(len(self.cols)):
+                yield self.tile(i, j)
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Output chunk sizes per axis, in the form Dask and Zarr use."""
+        return (
+            tuple(p.core.size for p in self.rows),
+            tuple(p.core.size for p in self.cols),
+        )
+
+    @property
+    def max_window_shape(self) -> Pair:
+        """The largest window, for memory estimates."""
+        return (
+            max(p.window.size for p in self.rows),
+            max(p.window.size for p in self.cols),
+        )
+
+    @property
+    def computed_pixels(self) -> int:
+        """Input pixels the network is run on, summed over all windows."""
+        return sum(p.window.size for p in self.rows) * sum(p.window.size for p in self.cols)
+
+    @property
+    def overhead(self) -> float:
+        """Pixels computed per scene pixel (1.0 means no halo recompute)."""
+        return self.computed_pixels / (self.scene_shape[0] * self.scene_shape[1])
+
+
+def interior_overhead(field: ReceptiveField, tile_size: int, halo: Halo | None = None) -> float:
+    """Pixels computed per output pixel for a tile far from scene edges."""
+    used = field.halo() if halo is None else halo
+    ratio = 1.0
+    for k in (0, 1):
+        core = math.ceil(tile_size / field.stride[k]) * field.stride[k]
+        lo = align_up(used.before[k], field.align[k])
+        hi = align_up(used.after[k] + core, field.align[k]) - core
+        ratio *= (core + lo + hi) / core
+    return ratio
