@@ -1,0 +1,139 @@
+"""Exact tiled prediction in memory: numpy in, numpy out.
+
+A model is run window by window over an image with the tile geometry of
+:mod:`pipeline.grid`; each window's output is cropped to its core tile. With
+the halo derived from the model's receptive field the result equals running
+the model on the whole image at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from pipeline.analysis import receptive_field
+from pipeline.errors import GeometryError, ModelAnalysisError
+from pipeline.grid import TileGrid
+from pipeline.receptive import Halo, ReceptiveField
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What tiling needs to know of a model for one scene shape."""
+
+    field: ReceptiveField
+    output_shape: tuple[int, int]
+    classes: int
+    analysed: bool
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def output_shape(model: nn.Module, input_shape: tuple[int, int, int],
+                 dtype: torch.dtype = torch.float32) -> tuple[int, ...]:
+    """Shape ``model`` gives for one ``(C, H, W)`` input, computed on the meta device.
+
+    No pixel is computed and no weight is copied, so this is cheap for any
+    scene size.
+    """
+    state = {k: v.to("meta") for k, v in model.state_dict(keep_vars=True).items()}
+    x = torch.empty((1, *input_shape), dtype=dtype, device="meta")
+    with torch.no_grad():
+        y = functional_call(model, state, (x,), strict=False)
+    return tuple(y.shape[1:])
+
+
+def model_geometry(model: nn.Module, input_shape: tuple[int, int, int],
+                   dtype: torch.dtype = torch.float32, *, require_field: bool = True,
+                   ) -> ModelGeometry:
+    """Receptive field and whole-scene output shape of ``model`` for an input shape.
+
+    With ``require_field=False`` a model the analysis rejects gets a
+    pixel-wise field (size 1, offset 0) at the stride its output shape implies;
+    the caller must then supply the halo.
+    """
+    out = output_shape(model, input_shape, dtype)
+    if len(out) != 3:
+        raise ModelAnalysisError(
+            f"{type(model).__name__} returns shape {out} per image; expected (classes, H, W)"
+        )
+    try:
+        field = receptive_field(model)
+        analysed = True
+    except ModelAnalysisError:
+        if require_field:
+            raise
+        strides = []
+        for n_in, n_out in zip(input_shape[1:], out[1:]):
+            if n_in % n_out:
+                raise GeometryError(
+                    f"output {out[1:]} is not the input {input_shape[1:]} divided by an integer "
+                    "stride; cannot tile a model the analysis rejects"
+                )
+            strides.append(n_in // n_out)
+        s = (strides[0], strides[1])
+        field = ReceptiveField(size=s, stride=s, offset=(0, 0), align=s)
+        analysed = False
+    return ModelGeometry(field, (out[1], out[2]), out[0], analysed)
+
+
+def plan_tiles(model: nn.Module, input_shape: tuple[int, int, int], tile_size: int | tuple[int, int],
+               halo: Halo | int | tuple[int, int] | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[TileGrid, ModelGeometry]:
+    """The tile grid for running ``model`` over an input of ``(C, H, W)``."""
+    geometry = model_geometry(model, input_shape, dtype, require_field=halo is None)
+    grid = TileGrid.build(input_shape[1:], geometry.output_shape, geometry.field, tile_size, halo)  # type: ignore[arg-type]
+    return grid, geometry
+
+
+def predict_tiled(
+    model: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    *,
+    tile_size: int | tuple[int, int],
+    halo: Halo | int | tuple[int, int] | None = None,
+) -> np.ndarray:
+    """What ``model(image[None])[0]`` returns, computed tile by tile.
+
+    ``image`` is ``(C, H, W)`` in any float dtype; it is given to the model in
+    that dtype (float64 stays float64). ``halo=None`` derives the halo from the
+    model's receptive field, which makes the result equal to whole-image
+    inference; an explicit halo (input pixels, an int, a ``(rows, cols)``
+    pair or a :class:`Halo`) overrides it and is required for a model the
+    analysis rejects.
+    """
+    tensor = torch.as_tensor(image)
+    if tensor.dim() != 3:
+        raise GeometryError(f"image must be (C, H, W), got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise GeometryError(f"image must be a float array, got {tensor.dtype}")
+    grid, geometry = plan_tiles(model, tuple(tensor.shape), tile_size, halo, tensor.dtype)  # type: ignore[arg-type]
+    device = _device_of(model)
+    result: np.ndarray | None = None
+    with torch.no_grad():
+        for tile in grid:
+            rows, cols = tile.window.slices()
+            window = tensor[:, rows, cols].unsqueeze(0).to(device)
+            out = model(window)[0]
+            crop_rows, crop_cols = tile.crop.slices()
+            block = out[:, crop_rows, crop_cols]
+            if block.shape[1:] != tile.core.shape:
+                raise GeometryError(
+                    f"window {tile.window} gave output {tuple(out.shape[1:])}; cropping "
+                    f"{tile.crop} does not give the core tile {tile.core.shape}"
+                )
+            if result is None:
+                result = np.empty((out.shape[0], *geometry.output_shape),
+                                  dtype=block.cpu().numpy().dtype)
+            core_rows, core_cols = tile.core.slices()
+            result[:, core_rows, core_cols] = block.cpu().numpy()
+    assert result is not None
+    return result
