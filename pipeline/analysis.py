@@ -30,33 +30,20 @@ from pipeline.errors import ModelAnalysisError
 from pipeline.receptive import ReceptiveField
 
 
-@dataclass(frozen=True)
-class _Axis:
-    """Element ``q`` depends on input pixels in ``[lo + q*stride, hi + q*stride]``."""
-
-    lo: Fraction
-    hi: Fraction
-    stride: Fraction
-
-    def then(self, c: Fraction, e: Fraction, t: Fraction) -> "_Axis":
-        """Compose with an op whose output ``o`` reads input indices ``[c + o*t, e + o*t]``."""
-        stride = self.stride * t
-        lo = self.lo + self.stride * c
-        hi = self.hi + self.stride * e
-        # Keep "index -1 lies left of the window" true even after crops, so a
-        # later layer's padding of this tensor is always seen as an edge effect.
-        lo = min(lo, stride - 1)
-        return _Axis(lo, hi, stride)
+Step = tuple[Fraction, Fraction, Fraction]
+Steps = tuple[Step, Step]
 
 
 @dataclass(frozen=True)
-class _Field:
-    rows: _Axis
-    cols: _Axis
+class _Tensor:
+    """A spatial tensor of the graph: its stride and what it is computed from.
 
-    def then(self, rows: tuple[Fraction, Fraction, Fraction],
-             cols: tuple[Fraction, Fraction, Fraction]) -> "_Field":
-        return _Field(self.rows.then(*rows), self.cols.then(*cols))
+    ``deps`` lists ``(node, steps)``: per axis, output index ``o`` of this
+    tensor reads indices ``[c + o*t, e + o*t]`` of ``node``.
+    """
+
+    stride: tuple[Fraction, Fraction]
+    deps: tuple[tuple[fx.Node | None, Steps], ...]
 
 
 class _Scalar:
@@ -64,8 +51,7 @@ class _Scalar:
 
 
 _SCALAR = _Scalar()
-_IDENTITY = (Fraction(0), Fraction(0), Fraction(1))
-Step = tuple[Fraction, Fraction, Fraction]
+_IDENTITY: Steps = ((Fraction(0), Fraction(0), Fraction(1)),) * 2  # type: ignore[assignment]
 
 _ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -229,49 +215,52 @@ def _dim_is_channel(dim: Any) -> bool:
 
 
 class _Analyzer:
+    """Walks the traced graph once, recording each tensor's stride and inputs."""
+
     def __init__(self, gm: fx.GraphModule, name: str) -> None:
         self.gm = gm
         self.name = name
         self.modules = dict(gm.named_modules())
-        self.values: dict[fx.Node, _Field | _Scalar | tuple[Any, ...]] = {}
-        self.strides: list[tuple[Fraction, Fraction]] = []
+        self.values: dict[fx.Node, _Tensor | _Scalar] = {}
+        self.output: fx.Node | None = None
 
-    def field(self, value: Any) -> _Field | _Scalar:
+    def tensor(self, value: Any) -> _Tensor | None:
         if isinstance(value, fx.Node):
-            got = self.values[value]
-            return got if isinstance(got, (_Field, _Scalar)) else _SCALAR
-        return _SCALAR
+            got = self.values.get(value)
+            return got if isinstance(got, _Tensor) else None
+        return None
 
-    def merge(self, values: list[Any], where: str) -> _Field | _Scalar:
-        fields = [f for f in (self.field(v) for v in values) if isinstance(f, _Field)]
-        if not fields:
+    def merge(self, values: list[Any], where: str) -> _Tensor | _Scalar:
+        """An element-wise combination: the hull of its tensor arguments."""
+        nodes = [v for v in values if self.tensor(v) is not None]
+        if not nodes:
             return _SCALAR
-        first = fields[0]
-        for other in fields[1:]:
-            if (other.rows.stride, other.cols.stride) != (first.rows.stride, first.cols.stride):
+        stride = self.values[nodes[0]].stride  # type: ignore[union-attr]
+        for other in nodes[1:]:
+            other_stride = self.values[other].stride  # type: ignore[union-attr]
+            if other_stride != stride:
                 raise ModelAnalysisError(
-                    f"{where} combines tensors at different strides "
-                    f"({first.rows.stride}, {first.cols.stride}) and "
-                    f"({other.rows.stride}, {other.cols.stride}): they are not aligned pixel grids"
+                    f"{where} combines tensors at different strides {tuple(map(str, stride))} "
+                    f"and {tuple(map(str, other_stride))}: they are not aligned pixel grids"
                 )
-        return _Field(
-            _Axis(min(f.rows.lo for f in fields), max(f.rows.hi for f in fields), first.rows.stride),
-            _Axis(min(f.cols.lo for f in fields), max(f.cols.hi for f in fields), first.cols.stride),
-        )
+        return _Tensor(stride, tuple((n, _IDENTITY) for n in nodes))
 
-    def step(self, node: fx.Node, steps: tuple[Step, Step] | None) -> _Field | _Scalar:
-        source = self.field(node.args[0])
-        if not isinstance(source, _Field):
+    def step(self, node: fx.Node, steps: Steps | None) -> _Tensor | _Scalar:
+        source = node.args[0]
+        tensor = self.tensor(source)
+        if tensor is None:
             return _SCALAR
-        return source if steps is None else source.then(*steps)
+        if steps is None:
+            steps = _IDENTITY
+        stride = (tensor.stride[0] * steps[0][2], tensor.stride[1] * steps[1][2])
+        return _Tensor(stride, ((source, steps),))  # type: ignore[arg-type]
 
-    def run(self) -> _Field:
-        output: _Field | None = None
+    def run(self) -> fx.Node:
+        """Analyse every node; return the node whose tensor the model returns."""
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
-                value: Any = (
-                    _Field(_Axis(Fraction(0), Fraction(0), Fraction(1)),
-                           _Axis(Fraction(0), Fraction(0), Fraction(1)))
+                value: _Tensor | _Scalar = (
+                    _Tensor((Fraction(1), Fraction(1)), ((None, _IDENTITY),))
                     if not self.values else _SCALAR
                 )
             elif node.op == "get_attr":
@@ -284,20 +273,39 @@ class _Analyzer:
             elif node.op == "call_method":
                 value = self.method(node)
             elif node.op == "output":
-                result = self.field(node.args[0])
-                if not isinstance(result, _Field):
-                    raise ModelAnalysisError(
-                        f"{self.name} does not return a single spatial tensor"
-                    )
-                output = result
-                continue
+                result = node.args[0]
+                if self.tensor(result) is None:
+                    raise ModelAnalysisError(f"{self.name} does not return a single spatial tensor")
+                return result  # type: ignore[return-value]
             else:  # pragma: no cover - fx has no other ops
                 raise ModelAnalysisError(f"unknown graph op {node.op}")
             self.values[node] = value
-            if isinstance(value, _Field):
-                self.strides.append((value.rows.stride, value.cols.stride))
-        assert output is not None
-        return output
+        raise ModelAnalysisError(f"{self.name} has no output")  # pragma: no cover
+
+    def needs(self, output: fx.Node, axis: int, index: int) -> dict[fx.Node | None, tuple[int, int]]:
+        """Indices of every tensor that output element ``index`` depends on, along one axis.
+
+        Integer intervals propagated backwards through the graph; the entry for
+        ``None`` is the input image.
+        """
+        need: dict[fx.Node | None, tuple[int, int]] = {output: (index, index)}
+        for node in reversed(list(self.gm.graph.nodes)):
+            if node not in need:
+                continue
+            tensor = self.tensor(node)
+            if tensor is None:
+                continue
+            lo, hi = need[node]
+            for source, steps in tensor.deps:
+                c, e, t = steps[axis]
+                src_lo, src_hi = math.ceil(c + lo * t), math.floor(e + hi * t)
+                if src_lo > src_hi:  # e.g. a transposed-conv phase that no input reaches
+                    continue
+                if source in need:
+                    old = need[source]
+                    src_lo, src_hi = min(old[0], src_lo), max(old[1], src_hi)
+                need[source] = (src_lo, src_hi)
+        return need
 
     def constant(self, node: fx.Node) -> _Scalar:
         tensor = _get_attr(self.gm, str(node.target))
@@ -320,8 +328,7 @@ class _Analyzer:
         if target is torch.cat or target is torch.concat:
             dim = _arg(node, 1, "dim", 0)
             tensors = node.args[0]
-            fields = [self.field(t) for t in tensors]  # type: ignore[union-attr]
-            if dim not in (0, 1, -3, -4) and any(isinstance(f, _Field) for f in fields):
+            if dim not in (0, 1, -3, -4) and any(self.tensor(t) is not None for t in tensors):  # type: ignore[union-attr]
                 raise ModelAnalysisError(f"{where} concatenates along spatial dim {dim}")
             return self.merge(list(tensors), where)  # type: ignore[arg-type]
         if target in (F.interpolate, F.upsample):
@@ -346,7 +353,7 @@ class _Analyzer:
             return self.merge([node.args[0]], where)
         if target in (getattr,):
             return _SCALAR
-        if all(not isinstance(self.field(a), _Field) for a in node.args):
+        if all(self.tensor(a) is None for a in node.args):
             return _SCALAR
         raise ModelAnalysisError(f"{where} is not an operation whose receptive field is known")
 
@@ -361,15 +368,14 @@ class _Analyzer:
             if not _dim_is_channel(_arg(node, 1, "dim")):
                 raise ModelAnalysisError(f"{where} reduces over a dim other than the channels")
             return self.merge([node.args[0]], where)
-        if not isinstance(self.field(node.args[0]), _Field):
+        if self.tensor(node.args[0]) is None:
             return _SCALAR
         raise ModelAnalysisError(
             f"{where} reshapes or mixes spatial positions, so its receptive field is not known"
         )
 
     def getitem(self, node: fx.Node, where: str) -> Any:
-        source = self.field(node.args[0])
-        if not isinstance(source, _Field):
+        if self.tensor(node.args[0]) is None:
             return _SCALAR
         index = node.args[1]
         items = list(index) if isinstance(index, tuple) else [index]
@@ -384,7 +390,7 @@ class _Analyzer:
             if not isinstance(item, slice):
                 raise ModelAnalysisError(f"{where} picks single rows or columns: not a crop")
             steps.append(self.crop_step(item, where))
-        return source.then(steps[0], steps[1])
+        return self.step(node, (steps[0], steps[1]))
 
     def crop_step(self, item: slice, where: str) -> Step:
         if item.step not in (None, 1):
@@ -428,6 +434,54 @@ def _to_int(value: Fraction, what: str, name: str) -> int:
     return int(value)
 
 
+def _input_channels(gm: fx.GraphModule) -> int:
+    for module in gm.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            return module.in_channels
+    return 1
+
+
+def _extents(analyzer: _Analyzer, tensors: dict[fx.Node, _Tensor], align: list[int],
+             span: int) -> dict[fx.Node, tuple[Fraction, Fraction]]:
+    """For each tensor, how many elements it has beyond ``L / stride`` on an input of ``L``.
+
+    Shapes come from running the graph on meta tensors (no pixel computed, no
+    weight copied) at two window lengths on the ``align`` grid; the smaller
+    excess of the two is kept.
+    """
+    gm = analyzer.gm
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    nodes = [n for n in gm.graph.nodes if n in tensors]
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            graph.output(tuple(env[n] for n in nodes))
+            break
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    shapes_gm = fx.GraphModule(gm, graph)
+    state = {k: v.to("meta") for k, v in gm.state_dict(keep_vars=True).items()}
+    channels = _input_channels(gm)
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    excess: dict[fx.Node, tuple[Fraction, Fraction]] = {}
+    for grow in (0, 1):
+        size = [math.ceil((4 * span + 64) / a) * a + grow * a for a in align]
+        x = torch.empty((1, channels, *size), device="meta", dtype=dtype)
+        try:
+            with torch.no_grad():
+                outs = torch.func.functional_call(shapes_gm, state, (x,), strict=False)
+        except Exception as exc:  # shape errors of user code come in many types
+            raise ModelAnalysisError(
+                f"cannot run {analyzer.name} on a {size[0]}x{size[1]} input to measure its "
+                f"feature map sizes: {exc}"
+            ) from exc
+        for node, out in zip(nodes, outs):
+            got = tuple(Fraction(int(out.shape[-2 + k])) - size[k] / tensors[node].stride[k]
+                        for k in (0, 1))
+            old = excess.get(node, got)
+            excess[node] = (min(old[0], got[0]), min(old[1], got[1]))
+    return excess
+
+
 def receptive_field(model: nn.Module) -> ReceptiveField:
     """The receptive field of a dense-prediction network's output.
 
@@ -437,19 +491,49 @@ def receptive_field(model: nn.Module) -> ReceptiveField:
     """
     name = type(model).__name__
     analyzer = _Analyzer(_trace(model), name)
-    out = analyzer.run()
-    sizes, strides, offsets, aligns = [], [], [], []
-    for k, axis in enumerate((out.rows, out.cols)):
-        stride = _to_int(axis.stride, "stride (output finer than the input)", name)
-        lo, hi = math.ceil(axis.lo), math.floor(axis.hi)
-        sizes.append(hi - lo + 1)
+    output = analyzer.run()
+    out_stride = analyzer.values[output].stride  # type: ignore[union-attr]
+    tensors = {n: v for n, v in analyzer.values.items() if isinstance(v, _Tensor)}
+    aligns = []
+    for k in (0, 1):
+        align = _to_int(out_stride[k], "stride (output finer than the input)", name)
+        for tensor in tensors.values():
+            align = math.lcm(align, tensor.stride[k].numerator)
+        aligns.append(align)
+    needs = [[analyzer.needs(output, k, phase)
+              for phase in range(aligns[k] // int(out_stride[k]))] for k in (0, 1)]
+    span = max(hi - lo + 1 for k in (0, 1) for need in needs[k] for lo, hi in [need[None]])
+    extra = _extents(analyzer, tensors, aligns, span)
+    sizes, strides, offsets, reaches = [], [], [], []
+    for k in (0, 1):
+        stride = int(out_stride[k])
+        first, last, reach = [], [], []
+        for phase, need in enumerate(needs[k]):
+            lo, hi = need[None]
+            first.append(lo - phase * stride)
+            last.append(hi - phase * stride)
+            # The window must start at or before every needed element of every
+            # tensor (element 0 of a window's tensor is whole-scene element
+            # w0 / s) and be long enough that the window's tensor still has the
+            # last needed element (it has L / s + extra elements).
+            before = phase * stride - lo
+            after = hi + 1 - (phase + 1) * stride
+            for node, (t_lo, t_hi) in need.items():
+                if node is None:
+                    continue
+                s_t = tensors[node].stride[k]
+                before = max(before, phase * stride - math.floor(t_lo * s_t))
+                after = max(after, math.ceil((t_hi + 1 - extra[node][k]) * s_t)
+                            - (phase + 1) * stride)
+            reach.append((max(0, before), max(0, after)))
+        offsets.append(min(first))
+        sizes.append(max(last) - min(first) + 1)
         strides.append(stride)
-        offsets.append(lo)
-        align = 1
-        for pair in analyzer.strides:
-            align = math.lcm(align, pair[k].numerator)
-        aligns.append(math.lcm(align, stride))
-    return ReceptiveField(tuple(sizes), tuple(strides), tuple(offsets), tuple(aligns))  # type: ignore[arg-type]
+        reaches.append(tuple(reach))
+    return ReceptiveField(
+        size=tuple(sizes), stride=tuple(strides), offset=tuple(offsets),  # type: ignore[arg-type]
+        align=tuple(aligns), reach=tuple(reaches),  # type: ignore[arg-type]
+    )
 
 
 def _probe_copy(model: nn.Module) -> nn.Module:

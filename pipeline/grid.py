@@ -12,7 +12,7 @@ scene). Running the network on the window and cropping its output with
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pipeline.errors import GeometryError
@@ -78,14 +78,14 @@ def plan_axis(
     *,
     stride: int,
     align: int,
-    halo_before: int,
-    halo_after: int,
+    reach: Sequence[tuple[int, int]],
 ) -> tuple[AxisPart, ...]:
     """Cut one axis of ``n_out`` output cells into cores of ``tile`` cells.
 
-    ``n_in`` is the input length; the halo is in input pixels around each
-    core's cells. Windows are clamped to ``[0, n_in)`` and their inner edges
-    put on multiples of ``align``.
+    ``n_in`` is the input length. ``reach[j % len(reach)]`` is how many input
+    pixels output cell ``j`` needs before and after its own cell (one entry
+    for a fixed halo). Windows are clamped to ``[0, n_in)`` and their inner
+    edges put on multiples of ``align``.
     """
     if min(n_in, n_out, tile, stride, align) < 1:
         raise GeometryError(
@@ -97,8 +97,8 @@ def plan_axis(
     parts = []
     for j0 in range(0, n_out, tile):
         j1 = min(j0 + tile, n_out)
-        lo = j0 * stride - halo_before
-        hi = j1 * stride + halo_after
+        lo = j0 * stride - reach[j0 % len(reach)][0]
+        hi = j1 * stride + reach[(j1 - 1) % len(reach)][1]
         w0 = 0 if lo <= 0 else align_down(lo, align)
         w1 = n_in if hi >= n_in else min(n_in, align_up(hi, align))
         shift = w0 // stride
@@ -156,7 +156,12 @@ class TileGrid:
             raise GeometryError(
                 f"scene {scene_shape} and output {output_shape} shapes must be positive"
             )
-        used = field.halo() if halo is None else Halo.of(halo)
+        if halo is None:
+            used = field.halo()
+            reaches = field.phase_reach
+        else:
+            used = Halo.of(halo)
+            reaches = tuple(((used.before[k], used.after[k]),) for k in (0, 1))
         tile_out = tuple(math.ceil(t / s) for t, s in zip(tile_in, field.stride))
         axes = [
             plan_axis(
@@ -165,8 +170,7 @@ class TileGrid:
                 tile_out[k],
                 stride=field.stride[k],
                 align=field.align[k],
-                halo_before=used.before[k],
-                halo_after=used.after[k],
+                reach=reaches[k],
             )
             for k in (0, 1)
         ]

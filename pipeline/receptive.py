@@ -56,21 +56,33 @@ class Halo:
         )
 
 
+Reach = tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True)
 class ReceptiveField:
     """Size, stride and offset of the input region one output pixel depends on.
 
-    All fields are ``(rows, cols)`` pairs of ints, in input pixels. Output
-    pixel ``(i, j)`` depends only on input rows ``offset[0] + i * stride[0]``
-    to ``offset[0] + i * stride[0] + size[0] - 1`` (and likewise for columns).
-    ``align`` is the grid that window edges must sit on, a multiple of
-    ``stride``.
+    ``size``, ``stride``, ``offset`` and ``align`` are ``(rows, cols)`` pairs
+    of ints, in input pixels. Output pixel ``(i, j)`` depends only on input
+    rows ``offset[0] + i * stride[0]`` to ``offset[0] + i * stride[0] +
+    size[0] - 1`` (likewise for columns). ``align`` is the grid that window
+    edges must sit on, a multiple of ``stride``.
+
+    ``reach`` refines this per axis and per output phase: output cell ``j``
+    needs a window reaching ``reach[axis][j % phases][0]`` input pixels before
+    its own cell (``j * stride``) and ``[1]`` pixels after it, where
+    ``phases = align // stride``. Networks that upsample inside (FCN-8s) need
+    less before a cell at one phase than at another; tiles cut on the
+    ``align`` grid use exactly what their edge cells need. When not given it
+    is derived from ``size`` and ``offset`` alone.
     """
 
     size: Pair
     stride: Pair
     offset: Pair
     align: Pair
+    reach: tuple[Reach, Reach] | None = None
 
     def __post_init__(self) -> None:
         for name in ("size", "stride", "offset", "align"):
@@ -81,17 +93,41 @@ class ReceptiveField:
             raise GeometryError(f"size and stride must be positive: {self}")
         if any(a % s for a, s in zip(self.align, self.stride)):
             raise GeometryError(f"align {self.align} must be a multiple of stride {self.stride}")
+        if self.reach is None:
+            derived = tuple(
+                ((max(0, -o), max(0, o + z - s)),)
+                for o, z, s in zip(self.offset, self.size, self.stride)
+            )
+            object.__setattr__(self, "reach", derived)
+        else:
+            for k in (0, 1):
+                phases = self.align[k] // self.stride[k]
+                if len(self.reach[k]) not in (1, phases):
+                    raise GeometryError(
+                        f"reach along axis {k} has {len(self.reach[k])} phases; expected {phases}"
+                    )
+
+    @property
+    def phase_reach(self) -> tuple[Reach, Reach]:
+        """``reach`` with its default filled in."""
+        assert self.reach is not None
+        return self.reach
 
     def required_halo(self) -> Halo:
-        """The exact pixels an output cell needs beyond its own ``stride`` cell."""
-        before = tuple(max(0, -o) for o in self.offset)
-        after = tuple(max(0, o + z - s) for o, z, s in zip(self.offset, self.size, self.stride))
+        """The most any output cell needs beyond its own ``stride`` cell."""
+        reach = self.phase_reach
+        before = tuple(max(b for b, _ in reach[k]) for k in (0, 1))
+        after = tuple(max(a for _, a in reach[k]) for k in (0, 1))
         return Halo(before, after)  # type: ignore[arg-type]
 
     def halo(self) -> Halo:
-        """The derived halo: :meth:`required_halo` rounded up to ``align``."""
-        need = self.required_halo()
+        """The derived halo of a tile cut on the ``align`` grid, rounded up to ``align``.
+
+        Such a tile starts at phase 0 and ends at the last phase, so this is
+        what its first and last cells need, on the stride grid.
+        """
+        reach = self.phase_reach
         return Halo(
-            tuple(align_up(v, a) for v, a in zip(need.before, self.align)),  # type: ignore[arg-type]
-            tuple(align_up(v, a) for v, a in zip(need.after, self.align)),  # type: ignore[arg-type]
+            tuple(align_up(reach[k][0][0], self.align[k]) for k in (0, 1)),  # type: ignore[arg-type]
+            tuple(align_up(reach[k][-1][1], self.align[k]) for k in (0, 1)),  # type: ignore[arg-type]
         )
