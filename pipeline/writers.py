@@ -1,0 +1,503 @@
+"""Label map outputs: a Zarr v3 store written tile by tile, and a COG made from it.
+
+The store is one Zarr v3 group laid out the way xarray and rioxarray read
+georeferenced rasters::
+
+    labels          (y, x)         label_dtype(n_classes), fill_value = nodata
+    probabilities   (class, y, x)  float16, optional, fill_value = NaN
+    x, y            (x,), (y,)     float64 pixel-centre coordinates
+    spatial_ref     ()             CF grid mapping: crs_wkt, spatial_ref, GeoTransform
+
+Its metadata is written once, by :func:`create_label_store`, and consolidated;
+after that :func:`write_labels` only writes chunks, one per tile, so tiles can
+be written concurrently from any number of processes without locks. The COG
+(:func:`write_cog`) is made block by block from the store, never holding the
+label map in memory.
+
+All shapes and indices are ``(row, col)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+import zarr
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Compression, Resampling
+from rasterio.errors import CRSError, RasterioError
+
+from pipeline.errors import OutputError
+from pipeline.grid import Box
+from pipeline.labels import LabelClass, label_dtype
+
+#: Names of the arrays in a label store.
+LABELS = "labels"
+PROBABILITIES = "probabilities"
+GRID_MAPPING = "spatial_ref"
+
+#: GDAL block cache while making a COG: bounds its memory whatever the scene size.
+COG_CACHE_BYTES = 256 * 2**20
+
+_CONSOLIDATED_V3_WARNING = "Consolidated metadata is currently not part in the Zarr format 3"
+
+
+@dataclass(frozen=True)
+class LabelStoreSpec:
+    """What a label store holds: grid, chunking, georeference, classes.
+
+    ``shape`` is the output ``(rows, cols)`` on the scene's grid; ``chunks``
+    the core tile shape (each tile writes exactly one chunk); ``crs`` WKT or
+    ``None``; ``transform`` the affine ``(a, b, c, d, e, f)`` in rasterio
+    order; ``nodata`` the label written where the scene has no data (it must
+    not be a class value); ``attrs`` extra JSON metadata (run settings, model
+    checksum) stored in the group attributes and copied into the COG tags.
+    """
+
+    shape: tuple[int, int]
+    chunks: tuple[int, int]
+    crs: str | None
+    transform: tuple[float, ...]
+    classes: tuple[LabelClass, ...]
+    nodata: int
+    probabilities: bool = False
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 2 or min(self.shape) < 1:
+            raise OutputError(f"label map shape must be two positive ints, got {self.shape}")
+        if len(self.chunks) != 2 or min(self.chunks) < 1:
+            raise OutputError(f"label map chunks must be two positive ints, got {self.chunks}")
+        if len(self.transform) != 6:
+            raise OutputError(
+                f"transform must be the 6 affine coefficients (a, b, c, d, e, f), "
+                f"got {len(self.transform)} values"
+            )
+        if not self.classes:
+            raise OutputError("a label map needs at least one class")
+        n = len(self.classes)
+        info = np.iinfo(self.dtype)
+        if not (n <= self.nodata <= info.max):
+            raise OutputError(
+                f"nodata label {self.nodata} must lie in [{n}, {info.max}] for {n} classes "
+                f"stored as {self.dtype} (class values are 0..{n - 1}); use e.g. {info.max}"
+            )
+        if self.crs is not None:
+            try:
+                CRS.from_wkt(self.crs)
+            except CRSError as exc:
+                raise OutputError(f"label map CRS is not valid WKT: {exc}") from exc
+        try:
+            json.dumps(dict(self.attrs), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise OutputError(f"label store attrs must be plain JSON values: {exc}") from exc
+
+    @property
+    def dtype(self) -> np.dtype:
+        return label_dtype(len(self.classes))
+
+
+# --------------------------------------------------------------------------- Zarr store
+
+
+def create_label_store(path: str | Path, spec: LabelStoreSpec) -> None:
+    """Create (overwrite) the Zarr v3 label store at ``path`` for ``spec``.
+
+    Every chunk starts out missing, which reads as ``nodata`` (labels) and NaN
+    (probabilities). The metadata is consolidated so that
+    ``xarray.open_zarr(path)`` opens it with one read and no warning; it never
+    changes afterwards.
+    """
+    names = [c.name for c in spec.classes]
+    n = len(names)
+    transform = Affine(*spec.transform)
+    label_attrs: dict[str, Any] = {
+        "long_name": "class label",
+        "grid_mapping": GRID_MAPPING,
+        "coordinates": GRID_MAPPING,
+        "_FillValue": int(spec.nodata),
+        "nodata": int(spec.nodata),
+        "flag_values": list(range(n)),
+        "flag_meanings": " ".join("_".join(name.split()) for name in names),
+        "class_names": names,
+        "class_colors": [list(c.color) for c in spec.classes],
+    }
+    try:
+        group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=dict(spec.attrs))
+        group.create_array(
+            LABELS,
+            shape=spec.shape,
+            chunks=spec.chunks,
+            dtype=spec.dtype,
+            fill_value=int(spec.nodata),
+            compressors=zarr.codecs.ZstdCodec(),
+            dimension_names=["y", "x"],
+            attributes=label_attrs,
+        )
+        if spec.probabilities:
+            group.create_array(
+                PROBABILITIES,
+                shape=(n, *spec.shape),
+                chunks=(n, *spec.chunks),
+                dtype=np.float16,
+                fill_value=float("nan"),
+                compressors=zarr.codecs.ZstdCodec(),
+                dimension_names=["class", "y", "x"],
+                attributes={
+                    "long_name": "class score",
+                    "grid_mapping": GRID_MAPPING,
+                    "coordinates": GRID_MAPPING,
+                    "class_names": names,
+                },
+            )
+        _create_coordinates(group, spec.shape, transform, spec.crs)
+        _create_grid_mapping(group, transform, spec.crs)
+        with warnings.catch_warnings():
+            # Written once by us and read by zarr-python and xarray; the warning
+            # only says other Zarr v3 readers may not use it (they still read
+            # the per-array metadata).
+            warnings.filterwarnings("ignore", message=_CONSOLIDATED_V3_WARNING)
+            zarr.consolidate_metadata(str(path), zarr_format=3)
+    except OSError as exc:
+        raise OutputError(f"cannot create the label store {path}: {exc}") from exc
+
+
+def _create_coordinates(
+    group: zarr.Group, shape: tuple[int, int], transform: Affine, crs: str | None
+) -> None:
+    """1-D pixel-centre coordinates ``y`` and ``x``.
+
+    Exact for north-up grids; for a rotated transform they follow the
+    unrotated axes and the ``GeoTransform`` of ``spatial_ref`` is what holds.
+    """
+    rows, cols = shape
+    a, _, c, _, e, f = transform[:6]
+    x = c + a * (np.arange(cols, dtype=np.float64) + 0.5)
+    y = f + e * (np.arange(rows, dtype=np.float64) + 0.5)
+    geographic = crs is not None and CRS.from_wkt(crs).is_geographic
+    names = {
+        "x": ("longitude", "degrees_east") if geographic else ("projection_x_coordinate", None),
+        "y": ("latitude", "degrees_north") if geographic else ("projection_y_coordinate", None),
+    }
+    for dim, values in (("x", x), ("y", y)):
+        standard_name, units = names[dim]
+        attrs = {
+            "axis": dim.upper(),
+            "standard_name": standard_name,
+            "long_name": f"{dim} of pixel centre",
+        }
+        if units:
+            attrs["units"] = units
+        array = group.create_array(
+            dim,
+            shape=values.shape,
+            chunks=values.shape,
+            dtype=np.float64,
+            fill_value=float("nan"),
+            dimension_names=[dim],
+            attributes=attrs,
+        )
+        array[:] = values
+
+
+def _create_grid_mapping(group: zarr.Group, transform: Affine, crs: str | None) -> None:
+    """The CF grid-mapping scalar that rioxarray and GDAL read the georeference from."""
+    attrs: dict[str, Any] = {"GeoTransform": " ".join(repr(float(v)) for v in transform.to_gdal())}
+    if crs is not None:
+        attrs["crs_wkt"] = crs
+        attrs["spatial_ref"] = crs
+    array = group.create_array(
+        GRID_MAPPING, shape=(), dtype=np.int64, fill_value=0, attributes=attrs
+    )
+    array[()] = 0
+
+
+def write_labels(
+    path: str | Path,
+    core: Box,
+    labels: np.ndarray,
+    probabilities: np.ndarray | None = None,
+) -> None:
+    """Write one tile's labels (and scores) to the chunk at ``core``.
+
+    ``core`` must be exactly one chunk of the store (clipped at the scene's
+    far edges); ``labels`` has ``core.shape`` and holds class values or
+    nodata; ``probabilities`` has ``(n_classes, *core.shape)``.
+    """
+    group = _open_store(path, mode="r+")
+    array = _member(group, LABELS, path)
+    _check_chunk(path, core, array.shape, array.chunks)
+    attrs = array.attrs.asdict()
+    block = _checked_labels(path, core, labels, len(attrs["class_names"]), attrs["nodata"])
+    scores = None
+    if probabilities is not None:
+        if PROBABILITIES not in group:
+            raise OutputError(
+                f"{path} has no probabilities array; create it with probabilities=True "
+                f"to store class scores"
+            )
+        scores = np.asarray(probabilities)
+        want = (len(attrs["class_names"]), *core.shape)
+        if scores.shape != want:
+            raise OutputError(
+                f"probabilities for tile {_box_text(core)} have shape {scores.shape}; "
+                f"{path} needs {want}"
+            )
+    try:
+        array[core.slices()] = block.astype(array.dtype, copy=False)
+        if scores is not None:
+            _member(group, PROBABILITIES, path)[(slice(None), *core.slices())] = scores.astype(
+                np.float16, copy=False
+            )
+    except OSError as exc:
+        raise OutputError(f"cannot write tile {_box_text(core)} to {path}: {exc}") from exc
+
+
+def _open_store(path: str | Path, mode: str) -> zarr.Group:
+    try:
+        return zarr.open_group(str(path), mode=mode, zarr_format=3)  # type: ignore[arg-type]
+    except OSError as exc:
+        raise OutputError(
+            f"cannot open the label store {path}: {exc} (create it with create_label_store)"
+        ) from exc
+
+
+def _member(group: zarr.Group, name: str, path: str | Path) -> zarr.Array:
+    try:
+        array = group[name]
+    except KeyError:
+        array = None
+    if not isinstance(array, zarr.Array):
+        raise OutputError(f"{path} is not a label store: it has no {name!r} array")
+    return array
+
+
+def _check_chunk(
+    path: str | Path, core: Box, shape: tuple[int, ...], chunks: tuple[int, ...]
+) -> None:
+    for axis, span, n, c in zip(("rows", "cols"), (core.rows, core.cols), shape, chunks):
+        stop = min(span.start + c, n)
+        if span.start < 0 or span.start >= n or span.start % c or span.stop != stop:
+            raise OutputError(
+                f"tile {_box_text(core)} is not one chunk of {path}: its {axis} "
+                f"[{span.start}, {span.stop}) must start at a multiple of the chunk size {c} "
+                f"below {n} and end at min(start + {c}, {n}) (build the tile grid with the "
+                f"store's chunks)"
+            )
+
+
+def _checked_labels(
+    path: str | Path, core: Box, labels: np.ndarray, n_classes: int, nodata: int
+) -> np.ndarray:
+    block = np.asarray(labels)
+    if block.shape != core.shape:
+        raise OutputError(
+            f"labels for tile {_box_text(core)} have shape {block.shape}; it needs {core.shape}"
+        )
+    if block.dtype.kind not in "biu":
+        raise OutputError(
+            f"labels for tile {_box_text(core)} are {block.dtype}; write integer class values"
+        )
+    if block.size and (block.min() < 0 or block.max() >= n_classes):
+        bad = (block < 0) | ((block >= n_classes) & (block != nodata))
+        if bad.any():
+            value = block[bad].flat[0]
+            raise OutputError(
+                f"labels for tile {_box_text(core)} hold {value}, which is neither a class "
+                f"(0..{n_classes - 1}) nor nodata ({nodata}) of {path}"
+            )
+    return block
+
+
+def _box_text(box: Box) -> str:
+    return f"rows [{box.rows.start}, {box.rows.stop}) cols [{box.cols.start}, {box.cols.stop})"
+
+
+# --------------------------------------------------------------------------- COG
+
+
+@dataclass(frozen=True)
+class _StoreGeo:
+    """What the COG needs from a label store, read once from its metadata."""
+
+    labels: zarr.Array
+    crs: str | None
+    transform: Affine
+    nodata: int
+    names: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...]
+    attrs: Mapping[str, Any]
+
+
+def write_cog(store: str | Path, tif: str | Path, *, blocksize: int = 512) -> None:
+    """Make a Cloud Optimized GeoTIFF of the store's labels at ``tif``.
+
+    Tiled ``blocksize`` (a multiple of 16), ZSTD (DEFLATE where GDAL lacks
+    it), overviews by MODE resampling (no invented class) down to one block,
+    with the store's CRS, transform, nodata, colour map and class names (tag
+    ``CLASS_NAMES``, JSON). It is written block by block to hidden ``.tmp``
+    files next to ``tif`` and renamed into place; they are removed on failure.
+    """
+    if blocksize < 16 or blocksize % 16:
+        raise OutputError(f"COG blocksize must be a positive multiple of 16, got {blocksize}")
+    tif = Path(tif)
+    geo = _read_store_geo(store)
+    staged: list[Path] = []
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=COG_CACHE_BYTES, GDAL_TIFF_OVR_BLOCKSIZE=blocksize):
+            compress = _best_compression()
+            tiled = _temp_path(tif, staged)
+            _write_tiled(geo, tiled, blocksize, compress)
+            cog = _temp_path(tif, staged)
+            rasterio.shutil.copy(
+                str(tiled),
+                str(cog),
+                driver="COG",
+                BLOCKSIZE=blocksize,
+                COMPRESS=compress,
+                OVERVIEW_COMPRESS=compress,
+                OVERVIEWS="FORCE_USE_EXISTING",
+                RESAMPLING="MODE",
+                BIGTIFF="IF_SAFER",
+                STATISTICS="NO",
+            )
+        os.replace(cog, tif)
+    except (OSError, RasterioError) as exc:
+        raise OutputError(f"cannot write the COG {tif} from {store}: {exc}") from exc
+    finally:
+        for path in staged:
+            for leftover in (path, path.with_name(path.name + ".aux.xml")):
+                leftover.unlink(missing_ok=True)
+
+
+def _read_store_geo(store: str | Path) -> _StoreGeo:
+    group = _open_store(store, mode="r")
+    labels = _member(group, LABELS, store)
+    grid = _member(group, GRID_MAPPING, store).attrs.asdict()
+    attrs = labels.attrs.asdict()
+    return _StoreGeo(
+        labels=labels,
+        crs=grid.get("crs_wkt"),
+        transform=Affine.from_gdal(*(float(v) for v in grid["GeoTransform"].split())),
+        nodata=int(attrs["nodata"]),
+        names=tuple(attrs["class_names"]),
+        colors=tuple(tuple(c) for c in attrs["class_colors"]),  # type: ignore[misc]
+        attrs=group.attrs.asdict(),
+    )
+
+
+def _temp_path(tif: Path, staged: list[Path]) -> Path:
+    """A fresh hidden ``.tmp`` name next to ``tif`` (same file system: atomic rename).
+
+    Not pre-created (as ``mkstemp`` would, with mode 0600): GDAL creates it
+    with the usual permissions, which the renamed COG keeps.
+    """
+    path = tif.with_name(f".{tif.name}.{uuid.uuid4().hex[:12]}.tmp")
+    staged.append(path)
+    return path
+
+
+def _write_tiled(geo: _StoreGeo, path: Path, blocksize: int, compress: str) -> None:
+    """Tiled GeoTIFF of the labels, written whole blocks at a time, with MODE overviews."""
+    rows, cols = geo.labels.shape
+    profile = {
+        "driver": "GTiff",
+        "height": rows,
+        "width": cols,
+        "count": 1,
+        "dtype": geo.labels.dtype.name,
+        "crs": CRS.from_wkt(geo.crs) if geo.crs else None,
+        "transform": geo.transform,
+        "nodata": geo.nodata,
+        "tiled": True,
+        "blockxsize": blocksize,
+        "blockysize": blocksize,
+        "compress": compress,
+        "bigtiff": "IF_SAFER",
+    }
+    colormap = {i: (*color, 255) for i, color in enumerate(geo.colors)}
+    colormap[geo.nodata] = (0, 0, 0, 0)
+    with rasterio.open(path, "w", **profile) as dst:
+        for rows_span, cols_span in _block_windows(geo.labels.shape, geo.labels.chunks, blocksize):
+            block = geo.labels[slice(*rows_span), slice(*cols_span)]
+            dst.write(block, 1, window=(rows_span, cols_span))
+        factors = _overview_factors((rows, cols), blocksize)
+        if factors:
+            # Before the colour map: GDAL then takes the mode of the label
+            # values at every level (with a palette it would warn that the
+            # overview bands, which have none, were resampled without one).
+            dst.build_overviews(factors, Resampling.mode)
+        dst.write_colormap(1, colormap)
+        dst.set_band_description(1, "labels")
+        dst.update_tags(**_cog_tags(geo))
+
+
+def _block_windows(
+    shape: tuple[int, ...], chunks: tuple[int, ...], blocksize: int
+) -> Iterator[tuple[tuple[int, int], tuple[int, int]]]:
+    """Row-major ``((row0, row1), (col0, col1))`` windows of whole COG blocks.
+
+    About one chunk each, so every block is written once and complete and
+    every chunk is read about once.
+    """
+    steps = [blocksize * max(1, c // blocksize) for c in chunks]
+    for r0 in range(0, shape[0], steps[0]):
+        for c0 in range(0, shape[1], steps[1]):
+            yield (r0, min(r0 + steps[0], shape[0])), (c0, min(c0 + steps[1], shape[1]))
+
+
+def _overview_factors(shape: tuple[int, int], blocksize: int) -> list[int]:
+    """Powers of two until the smallest overview fits in one block (as GDAL's COG driver does)."""
+    factors = []
+    factor = 2
+    while max(shape) > blocksize * (factor // 2):
+        factors.append(factor)
+        factor *= 2
+    return factors
+
+
+def _cog_tags(geo: _StoreGeo) -> dict[str, str]:
+    tags = {"CLASS_NAMES": json.dumps(list(geo.names))}
+    if geo.attrs:
+        tags["FCN_PIPELINE_ATTRS"] = json.dumps(dict(geo.attrs), sort_keys=True)
+    return tags
+
+
+@functools.cache
+def _best_compression() -> str:
+    """ZSTD where this GDAL build has it, else DEFLATE (probed once, in memory)."""
+    probe = "/vsimem/fcn-pipeline-zstd-probe.tif"
+    try:
+        with rasterio.open(
+            probe,
+            "w",
+            driver="GTiff",
+            width=16,
+            height=16,
+            count=1,
+            dtype="uint8",
+            transform=Affine.translation(0, 16) @ Affine.scale(1, -1),
+            compress="zstd",
+        ) as dst:
+            dst.write(np.zeros((1, 16, 16), np.uint8))
+        with rasterio.open(probe) as src:
+            ok = src.compression == Compression.zstd
+    except RasterioError:
+        ok = False
+    finally:
+        try:
+            rasterio.shutil.delete(probe)
+        except RasterioError:
+            pass
+    return "ZSTD" if ok else "DEFLATE"
