@@ -1,0 +1,545 @@
+"""Model specs: the small YAML file that lets a user bring their own model.
+
+A spec names the network (a built-in architecture or a ``package.module:factory``
+import path), its weights and their checksum, which scene bands feed it and how
+they are normalised, how nodata is handled and what the output classes are::
+
+    schema: 1
+    name: demo
+    architecture: fcn8s-vgg16
+    arguments: {num_classes: 4}
+    weights: demo.safetensors        # relative to this file, or absolute
+    sha256: "<64 hex digits>"        # optional
+    bands: [1, 2, 3]                 # 1-based scene bands, repeats allowed
+    dtypes: [uint8, uint16]          # optional: scene dtypes accepted
+    normalization: {scale: 0.0039, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
+    nodata: {input: scene, output: 255}
+    classes:
+      - {name: water, color: [30, 90, 200]}
+
+This module is pure (numpy and YAML, no torch): a Dask client validates a spec
+and checksums its weights without loading a network; :mod:`pipeline.model`
+builds the network. Every problem is one :class:`ModelSpecError` whose message
+names the spec file and the field path (``classes[1].color``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import yaml
+
+from pipeline.errors import ModelSpecError
+from pipeline.labels import DEFAULT_NODATA, LabelClass, label_dtype
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+#: The only spec schema version this release reads.
+SCHEMA_VERSION = 1
+#: ``load_spec(DEMO)`` reads the spec bundled with the package.
+DEMO = "demo"
+WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth")
+#: ``nodata.input`` words; any number is an override of the scene's nodata value.
+NODATA_INPUT_WORDS = ("scene", "none")
+
+_REQUIRED = ("schema", "name", "architecture", "weights", "bands", "normalization", "classes")
+_OPTIONAL = ("arguments", "sha256", "dtypes", "nodata")
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_BUILTIN_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 1 << 20
+
+
+class Arguments(Mapping[str, Any]):
+    """Factory keyword arguments, frozen (lists become tuples) so a spec stays hashable.
+
+    :meth:`thaw` gives back plain ``dict``/``list`` values for the factory call.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        self._items = {k: _freeze(v, k) for k, v in sorted((items or {}).items())}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"Arguments({self._items!r})"
+
+    def thaw(self) -> dict[str, Any]:
+        """The arguments as plain Python values (tuples back to lists, nested dicts)."""
+        return {k: _thaw(v) for k, v in self._items.items()}
+
+
+class _UnsupportedValue(TypeError):
+    """An argument value that YAML would not produce (a date, an object)."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where} {problem}")
+        self.where = where
+        self.problem = problem
+
+
+def _freeze(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Arguments):
+        return value
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                raise _UnsupportedValue(where, f"keys must be strings, got {key!r}")
+        return Arguments({k: _freeze(v, f"{where}.{k}") for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise _UnsupportedValue(
+        where,
+        f"must be a number, string, boolean, null, list or mapping, "
+        f"got {type(value).__name__} {value!r}",
+    )
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Arguments):
+        return value.thaw()
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Model input = ``(raw * scale - mean) / std``, per band."""
+
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A validated model spec. ``weights`` is absolute when the spec came from a file."""
+
+    path: Path | None
+    name: str
+    architecture: str
+    arguments: Arguments
+    weights: Path
+    sha256: str | None
+    bands: tuple[int, ...]
+    dtypes: tuple[str, ...] | None
+    normalization: Normalization
+    nodata_input: str | float
+    nodata_output: int
+    classes: tuple[LabelClass, ...]
+
+    @property
+    def source(self) -> str:
+        """The spec file, as error messages name it."""
+        return _source(self.path)
+
+    @property
+    def is_import_path(self) -> bool:
+        """True when ``architecture`` is ``package.module:factory`` rather than a built-in name."""
+        return ":" in self.architecture
+
+    def error(self, field: str, problem: str) -> ModelSpecError:
+        """A :class:`ModelSpecError` naming this spec's file and ``field``."""
+        return ModelSpecError(f"{self.source}: {field} {problem}")
+
+
+def _source(path: Path | None) -> str:
+    return str(path) if path is not None else "model spec"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_spec(source: str | PathLike[str]) -> ModelSpec:
+    """Read and validate a spec: ``"demo"`` (the bundled demo model) or a YAML file path."""
+    path = _demo_path() if source == DEMO else Path(source).expanduser().absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelSpecError(f"{path}: cannot read the model spec ({exc})") from exc
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ModelSpecError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_spec(data, path=path)
+
+
+def _package_data() -> Traversable:
+    return resources.files("pipeline") / "data"
+
+
+def _demo_path() -> Path:
+    resource = _package_data() / f"{DEMO}.yaml"
+    if not resource.is_file():
+        raise ModelSpecError(
+            "the demo model is not bundled with this installation (pipeline/data/demo.yaml "
+            "is missing); pass the path of a model spec YAML file instead"
+        )
+    if not isinstance(resource, Path):
+        raise ModelSpecError(
+            f"the demo model spec {resource} is inside an archive; install fcn-pipeline "
+            "as plain files (pip install, not a zip) so its weights can be read"
+        )
+    return resource
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r}", key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _Fields:
+    """Error factory for one spec: every message names the file and the field path."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.source = _source(path)
+
+    def error(self, field: str, problem: str) -> ModelSpecError:
+        return ModelSpecError(f"{self.source}: {field} {problem}")
+
+    def mapping(
+        self, value: Any, field: str, required: Sequence[str], optional: Sequence[str] = ()
+    ) -> Mapping[str, Any]:
+        what = field or "the spec"
+        if not isinstance(value, Mapping):
+            raise self.error(field or "top level", f"must be a mapping, got {_show(value)}")
+        allowed = (*required, *optional)
+        for key in value:
+            if key not in allowed:
+                raise self.error(
+                    _join(field, key),
+                    f"is not a known key of {what} (allowed: {', '.join(allowed)})",
+                )
+        for key in required:
+            if key not in value:
+                raise self.error(_join(field, key), "is required")
+        return value
+
+    def string(self, value: Any, field: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(field, f"must be a non-empty string, got {_show(value)}")
+        return value
+
+    def integer(self, value: Any, field: str, low: int, high: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+            high is not None and value > high
+        ):
+            limit = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise self.error(field, f"must be an integer {limit}, got {_show(value)}")
+        return value
+
+    def number(self, value: Any, field: str, *, allow_nan: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(field, f"must be a number, got {_show(value)}")
+        if math.isinf(value) or (math.isnan(value) and not allow_nan):
+            raise self.error(field, f"must be a finite number, got {value}")
+        return float(value)
+
+    def sequence(self, value: Any, field: str, *, what: str) -> Sequence[Any]:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise self.error(field, f"must be a non-empty list of {what}, got {_show(value)}")
+        return value
+
+    def per_band(self, value: Any, field: str, n_bands: int) -> tuple[float, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise self.error(
+                field, f"must be a list of {n_bands} numbers (one per band), got {_show(value)}"
+            )
+        if len(value) != n_bands:
+            raise self.error(
+                field, f"must have {n_bands} values (one per band), got {len(value)}"
+            )
+        return tuple(self.number(v, f"{field}[{i}]") for i, v in enumerate(value))
+
+
+def _join(field: str, key: Any) -> str:
+    return f"{field}.{key}" if field else str(key)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_spec(data: Mapping[str, Any], *, path: Path | None) -> ModelSpec:
+    """Validate a spec already parsed from YAML; ``path`` is the file it came from.
+
+    A relative ``weights`` path is taken relative to the folder of ``path``.
+    """
+    f = _Fields(path)
+    if not isinstance(data, Mapping):
+        raise f.error("top level", f"must be a mapping of spec fields, got {_show(data)}")
+    if "schema" not in data:
+        raise f.error("schema", f"is required (schema: {SCHEMA_VERSION})")
+    schema = data["schema"]
+    if isinstance(schema, bool) or schema != SCHEMA_VERSION:
+        raise f.error(
+            "schema", f"must be {SCHEMA_VERSION}, got {_show(schema)} (this release reads schema "
+            f"{SCHEMA_VERSION} only)"
+        )
+    f.mapping(data, "", _REQUIRED, _OPTIONAL)
+
+    bands = _bands(f, data["bands"])
+    classes = _classes(f, data["classes"])
+    input_nodata, output_nodata = _nodata(f, data.get("nodata"), classes)
+    return ModelSpec(
+        path=path,
+        name=f.string(data["name"], "name"),
+        architecture=_architecture(f, data["architecture"]),
+        arguments=_arguments(f, data.get("arguments")),
+        weights=_weights(f, data["weights"], path),
+        sha256=_sha256(f, data.get("sha256")),
+        bands=bands,
+        dtypes=_dtypes(f, data.get("dtypes")),
+        normalization=_normalization(f, data["normalization"], len(bands)),
+        nodata_input=input_nodata,
+        nodata_output=output_nodata,
+        classes=classes,
+    )
+
+
+def _architecture(f: _Fields, value: Any) -> str:
+    name = f.string(value, "architecture").strip()
+    pattern = _IMPORT_PATH if ":" in name else _BUILTIN_NAME
+    if not pattern.fullmatch(name):
+        raise f.error(
+            "architecture",
+            "must be a built-in name such as fcn8s-vgg16 or an import path "
+            f"package.module:factory, got {name!r}",
+        )
+    return name
+
+
+def _arguments(f: _Fields, value: Any) -> Arguments:
+    if value is None:
+        return Arguments()
+    if not isinstance(value, Mapping):
+        raise f.error("arguments", f"must be a mapping of keyword arguments, got {_show(value)}")
+    for key in value:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise f.error(f"arguments.{key}", "is not a valid keyword argument name")
+    try:
+        return Arguments(value)
+    except _UnsupportedValue as exc:
+        raise f.error(f"arguments.{exc.where}", exc.problem) from None
+
+
+def _weights(f: _Fields, value: Any, path: Path | None) -> Path:
+    weights = Path(f.string(value, "weights")).expanduser()
+    if weights.suffix.lower() not in WEIGHTS_SUFFIXES:
+        raise f.error(
+            "weights", f"must be a .safetensors, .pt or .pth file, got {str(weights)!r}"
+        )
+    if not weights.is_absolute() and path is not None:
+        weights = path.parent / weights
+    return weights
+
+
+def _sha256(f: _Fields, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SHA256.fullmatch(value.strip().lower()):
+        raise f.error(
+            "sha256", f"must be 64 hexadecimal digits in quotes, got {_show(value)}"
+        )
+    return value.strip().lower()
+
+
+def _bands(f: _Fields, value: Any) -> tuple[int, ...]:
+    items = f.sequence(value, "bands", what="1-based band numbers")
+    return tuple(f.integer(b, f"bands[{i}]", 1) for i, b in enumerate(items))
+
+
+def _dtypes(f: _Fields, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names: list[str] = []
+    for i, item in enumerate(f.sequence(value, "dtypes", what="numpy dtype names")):
+        field = f"dtypes[{i}]"
+        try:
+            dtype = np.dtype(f.string(item, field))
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.kind not in "biuf":
+            raise f.error(field, f"must be a numeric dtype such as uint8 or float32, got {item!r}")
+        names.append(dtype.name)
+    return tuple(dict.fromkeys(names))
+
+
+def _normalization(f: _Fields, value: Any, n_bands: int) -> Normalization:
+    block = f.mapping(value, "normalization", ("mean", "std"), ("scale",))
+    scale = f.number(block.get("scale", 1.0), "normalization.scale")
+    if scale <= 0:
+        raise f.error("normalization.scale", f"must be positive, got {scale}")
+    mean = f.per_band(block["mean"], "normalization.mean", n_bands)
+    std = f.per_band(block["std"], "normalization.std", n_bands)
+    for i, s in enumerate(std):
+        if s <= 0:
+            raise f.error(f"normalization.std[{i}]", f"must be positive, got {s}")
+    return Normalization(scale=scale, mean=mean, std=std)
+
+
+def _classes(f: _Fields, value: Any) -> tuple[LabelClass, ...]:
+    items = f.sequence(value, "classes", what="{name, color} mappings, one per output channel")
+    limit = np.iinfo(np.uint16).max
+    if len(items) >= limit:
+        raise f.error("classes", f"has {len(items)} entries; at most {limit - 1} are supported")
+    classes: list[LabelClass] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        field = f"classes[{i}]"
+        entry = f.mapping(item, field, ("name", "color"))
+        name = f.string(entry["name"], f"{field}.name")
+        if name in seen:
+            raise f.error(f"{field}.name", f"{name!r} repeats classes[{seen[name]}].name")
+        seen[name] = i
+        color = entry["color"]
+        if not isinstance(color, (list, tuple)) or len(color) != 3:
+            raise f.error(f"{field}.color", f"must be [red, green, blue], got {_show(color)}")
+        rgb = tuple(f.integer(c, f"{field}.color[{j}]", 0, 255) for j, c in enumerate(color))
+        classes.append(LabelClass(name=name, color=rgb))  # type: ignore[arg-type]
+    return tuple(classes)
+
+
+def _nodata(f: _Fields, value: Any, classes: tuple[LabelClass, ...]) -> tuple[str | float, int]:
+    n = len(classes)
+    block = f.mapping({} if value is None else value, "nodata", (), ("input", "output"))
+    raw_input = block.get("input", "scene")
+    if isinstance(raw_input, str):
+        if raw_input not in NODATA_INPUT_WORDS:
+            raise f.error(
+                "nodata.input", f"must be 'scene', 'none' or a number, got {raw_input!r}"
+            )
+        nodata_input: str | float = raw_input
+    elif isinstance(raw_input, (int, float)) and not isinstance(raw_input, bool):
+        nodata_input = f.number(raw_input, "nodata.input", allow_nan=True)
+    else:
+        raise f.error(
+            "nodata.input", f"must be 'scene', 'none' or a number, got {_show(raw_input)}"
+        )
+
+    dtype = label_dtype(n)
+    top = int(np.iinfo(dtype).max)
+    default = DEFAULT_NODATA if n <= DEFAULT_NODATA else top
+    output = f.integer(block.get("output", default), "nodata.output", 0)
+    if output > top:
+        raise f.error(
+            "nodata.output", f"must fit the {dtype.name} label map (0 to {top}), got {output}"
+        )
+    if output < n:
+        raise f.error(
+            "nodata.output",
+            f"{output} is the label of class {classes[output].name!r} (classes are 0 to {n - 1}); "
+            f"pick a value from {n} to {top}, such as {top}",
+        )
+    return nodata_input, output
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def file_sha256(path: str | PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def missing_weights_error(spec: ModelSpec) -> ModelSpecError:
+    """The error for a weights file that does not exist."""
+    hint = " (a relative path is taken from the spec file's folder)" if spec.path else ""
+    return spec.error("weights", f"file {spec.weights} does not exist{hint}")
+
+
+def check_digest(spec: ModelSpec, digest: str) -> None:
+    """Raise when the spec pins ``sha256`` and the weights' ``digest`` differs."""
+    if spec.sha256 is not None and digest != spec.sha256:
+        raise spec.error(
+            "sha256",
+            f"does not match the weights file {spec.weights}: the file's sha256 is {digest}, "
+            f"the spec expects {spec.sha256} (restore the weights, or update sha256 if they "
+            "were replaced on purpose)",
+        )
+
+
+def verify_weights(spec: ModelSpec) -> str:
+    """Check that the weights exist and match ``spec.sha256``; return their sha256.
+
+    A Dask client calls this once while planning, so tasks can carry the digest.
+    """
+    if not spec.weights.is_file():
+        raise missing_weights_error(spec)
+    digest = file_sha256(spec.weights)
+    check_digest(spec, digest)
+    return digest
+
+
+# --------------------------------------------------------------------------- input
+
+
+def normalize(
+    raw: npt.ArrayLike, spec: ModelSpec, dtype: npt.DTypeLike = np.float32
+) -> npt.NDArray[np.floating[Any]]:
+    """Model input from raw scene values ``(bands, rows, cols)``: ``(raw * scale - mean) / std``.
+
+    ``raw`` holds the spec's bands in spec order. Computed as ``raw * gain - offset``
+    into one new array of ``dtype``, with no other temporary of the window's size.
+    """
+    values = np.asarray(raw)
+    if values.ndim != 3 or values.shape[0] != len(spec.bands):
+        raise ValueError(
+            f"normalize needs raw values shaped (bands, rows, cols) with {len(spec.bands)} bands "
+            f"(the spec's bands {list(spec.bands)}), got shape {values.shape}"
+        )
+    out_dtype = np.dtype(dtype)
+    if out_dtype.kind != "f":
+        raise ValueError(f"normalize writes floating-point values, got dtype {out_dtype}")
+    norm = spec.normalization
+    std = np.asarray(norm.std, dtype=np.float64)
+    gain = (norm.scale / std).astype(out_dtype)[:, None, None]
+    offset = (np.asarray(norm.mean, dtype=np.float64) / std).astype(out_dtype)[:, None, None]
+    out = np.multiply(values, gain, out=np.empty(values.shape, dtype=out_dtype))
+    return np.subtract(out, offset, out=out)

@@ -1,0 +1,248 @@
+"""Building models from specs: exact weights, clear refusals, one load per process."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import model as model_module
+from pipeline.errors import ModelError, ModelSpecError
+from pipeline.model import build_model, cached_model, clear_model_cache, save_weights
+from pipeline.modelspec import ModelSpec, file_sha256, load_spec, verify_weights
+from tests import modelspec_factories as factories
+from tests.modelspec_factories import spec_dict, write_spec
+
+
+@pytest.fixture(autouse=True)
+def _fresh() -> Iterator[None]:
+    clear_model_cache()
+    factories.calls = 0
+    torch.manual_seed(0)
+    yield
+    clear_model_cache()
+
+
+@pytest.fixture
+def reference() -> nn.Module:
+    """The network whose weights the specs point at."""
+    return factories.tiny(num_classes=3).eval()
+
+
+def _spec(folder: Path, weights: str = "tiny.safetensors", **overrides: Any) -> ModelSpec:
+    return load_spec(write_spec(folder, spec_dict(weights=weights, **overrides)))
+
+
+def _same_outputs(a: nn.Module, b: nn.Module) -> bool:
+    x = torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        return torch.equal(a(x), b(x))
+
+
+def test_safetensors_weights_load_exactly(tmp_path: Path, reference: nn.Module) -> None:
+    digest = save_weights(reference, tmp_path / "tiny.safetensors")
+    assert digest == file_sha256(tmp_path / "tiny.safetensors")
+    built = build_model(_spec(tmp_path, sha256=digest))
+    assert not built.training
+    assert next(built.parameters()).device.type == "cpu"
+    assert _same_outputs(built, reference)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_pytorch_state_dict_loads_exactly(tmp_path: Path, reference: nn.Module, suffix: str) -> None:
+    torch.save(reference.state_dict(), tmp_path / f"tiny{suffix}")
+    built = build_model(_spec(tmp_path, weights=f"tiny{suffix}"))
+    assert _same_outputs(built, reference)
+
+
+def test_builtin_architecture(tmp_path: Path, reference: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.ModuleType("pipeline.models")
+    fake.ARCHITECTURES = {"tiny-fcn": factories.tiny}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pipeline.models", fake)
+    save_weights(reference, tmp_path / "tiny.safetensors")
+    assert _same_outputs(build_model(_spec(tmp_path, architecture="tiny-fcn")), reference)
+    with pytest.raises(ModelSpecError, match=r"architecture 'fcn9s' is not a built-in architecture \(known: tiny-fcn\)"):
+        build_model(_spec(tmp_path, architecture="fcn9s"))
+
+
+def test_pickled_module_is_refused(tmp_path: Path, reference: nn.Module) -> None:
+    torch.save(reference, tmp_path / "tiny.pt")
+    with pytest.raises(ModelError) as caught:
+        build_model(_spec(tmp_path, weights="tiny.pt"))
+    text = str(caught.value)
+    assert "tiny.pt is not a plain state dict: torch.load(weights_only=True) refuses it" in text
+    assert "Unsupported global" in text
+    assert "save module.state_dict() instead" in text
+    assert "add_safe_globals" not in text  # torch's allowlist advice is not passed on
+
+
+def test_training_checkpoint_is_refused(tmp_path: Path, reference: nn.Module) -> None:
+    torch.save({"state_dict": reference.state_dict(), "epoch": 3}, tmp_path / "tiny.pt")
+    with pytest.raises(ModelError, match=r"not a plain state dict: 2 entries are not tensors \(state_dict, epoch\)"):
+        build_model(_spec(tmp_path, weights="tiny.pt"))
+
+
+def test_tensor_file_is_refused(tmp_path: Path) -> None:
+    torch.save(torch.zeros(3), tmp_path / "tiny.pt")
+    with pytest.raises(ModelError, match="holds a Tensor, not a state dict"):
+        build_model(_spec(tmp_path, weights="tiny.pt"))
+
+
+@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny.pt"])
+def test_corrupt_weights(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(b"not weights at all")
+    with pytest.raises(ModelError, match=f"weights {name} is not a"):
+        build_model(_spec(tmp_path, weights=name))
+
+
+def test_missing_weights(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    with pytest.raises(ModelSpecError, match="spec.yaml: weights file .*tiny.safetensors does not exist"):
+        build_model(spec)
+
+
+def test_checksum_is_checked_before_loading(tmp_path: Path, reference: nn.Module) -> None:
+    digest = save_weights(reference, tmp_path / "tiny.safetensors")
+    wrong = "f" * 64
+    with pytest.raises(ModelSpecError) as caught:
+        build_model(_spec(tmp_path, sha256=wrong))
+    assert "sha256 does not match" in str(caught.value)
+    assert digest in str(caught.value) and wrong in str(caught.value)
+    assert factories.calls == 1  # the reference only: the factory never ran
+
+
+def test_state_dict_mismatch_names_keys(tmp_path: Path) -> None:
+    state = {k: v.clone() for k, v in factories.tiny(num_classes=2).state_dict().items()}
+    del state["0.bias"]
+    for i in range(7):
+        state[f"extra.{i}"] = torch.zeros(1)
+    torch.save(state, tmp_path / "tiny.pt")
+    with pytest.raises(ModelError) as caught:
+        build_model(_spec(tmp_path, weights="tiny.pt"))
+    text = str(caught.value)
+    assert "do not fit architecture tests.modelspec_factories:tiny" in text
+    assert "1 missing (0.bias)" in text
+    assert "7 unexpected (extra.0, extra.1, extra.2, extra.3, extra.4, ... 2 more)" in text
+    assert "2.weight is (2, 4, 1, 1), the network needs (3, 4, 1, 1)" in text
+
+
+@pytest.mark.parametrize(
+    ("architecture", "message"),
+    [
+        ("tests.no_such_module:tiny", "cannot import module tests.no_such_module (ModuleNotFoundError"),
+        ("tests.modelspec_factories:huge", "tests.modelspec_factories has no attribute huge"),
+        ("tests.modelspec_factories:NOT_CALLABLE", "NOT_CALLABLE is a int, not a callable"),
+    ],
+)
+def test_bad_import_path(tmp_path: Path, reference: nn.Module, architecture: str, message: str) -> None:
+    save_weights(reference, tmp_path / "tiny.safetensors")
+    with pytest.raises(ModelSpecError, match=f"spec.yaml: architecture {architecture}: ") as caught:
+        build_model(_spec(tmp_path, architecture=architecture))
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "message"),
+    [
+        ("tests.modelspec_factories:failing", "failed with arguments {'num_classes': 3}: RuntimeError: boom"),
+        ("tests.modelspec_factories:not_a_module", "returned a int, not a torch.nn.Module"),
+    ],
+)
+def test_factory_errors(tmp_path: Path, reference: nn.Module, architecture: str, message: str) -> None:
+    save_weights(reference, tmp_path / "tiny.safetensors")
+    with pytest.raises(ModelError, match="spec.yaml: architecture ") as caught:
+        build_model(_spec(tmp_path, architecture=architecture))
+    assert message in str(caught.value)
+
+
+def test_bad_arguments_for_factory(tmp_path: Path, reference: nn.Module) -> None:
+    save_weights(reference, tmp_path / "tiny.safetensors")
+    with pytest.raises(ModelError, match="TypeError: .*unexpected keyword argument 'depth'"):
+        build_model(_spec(tmp_path, arguments={"depth": 3}))
+
+
+def test_bad_device(tmp_path: Path, reference: nn.Module) -> None:
+    save_weights(reference, tmp_path / "tiny.safetensors")
+    with pytest.raises(ModelError, match="cannot move model tiny to device 'warp-drive'"):
+        build_model(_spec(tmp_path), device="warp-drive")
+
+
+def test_save_weights_needs_safetensors_suffix(tmp_path: Path, reference: nn.Module) -> None:
+    with pytest.raises(ValueError, match="writes .safetensors files"):
+        save_weights(reference, tmp_path / "tiny.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _planned(tmp_path: Path, reference: nn.Module) -> tuple[str, str]:
+    save_weights(reference, tmp_path / "tiny.safetensors")
+    path = write_spec(tmp_path)
+    return str(path), verify_weights(load_spec(path))
+
+
+def test_cache_loads_once(tmp_path: Path, reference: nn.Module) -> None:
+    spec_path, digest = _planned(tmp_path, reference)
+    factories.calls = 0
+    spec, first = cached_model(spec_path, digest, "cpu")
+    again_spec, second = cached_model(spec_path, digest, "cpu")
+    assert second is first and again_spec is spec
+    assert factories.calls == 1
+    assert spec.name == "tiny"
+    assert _same_outputs(first, reference)
+
+
+def test_cache_loads_once_across_threads(tmp_path: Path, reference: nn.Module) -> None:
+    spec_path, digest = _planned(tmp_path, reference)
+    factories.calls = 0
+    results: list[nn.Module] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cached_model(spec_path, digest, "cpu")[1]))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and all(r is results[0] for r in results)
+    assert factories.calls == 1
+
+
+def test_cache_checks_the_planned_digest(tmp_path: Path, reference: nn.Module) -> None:
+    spec_path, digest = _planned(tmp_path, reference)
+    factories.calls = 0
+    planned = hashlib.sha256(b"other weights").hexdigest()
+    with pytest.raises(ModelError) as caught:
+        cached_model(spec_path, planned, "cpu")
+    text = str(caught.value)
+    assert "changed since the run was planned" in text
+    assert digest in text and planned in text
+    assert factories.calls == 0
+    assert model_module._MODELS == {}
+
+
+def test_cache_checks_the_spec_digest(tmp_path: Path, reference: nn.Module) -> None:
+    save_weights(reference, tmp_path / "tiny.safetensors")
+    path = write_spec(tmp_path, spec_dict(sha256="0" * 64))
+    with pytest.raises(ModelSpecError, match="sha256 does not match"):
+        cached_model(str(path), file_sha256(tmp_path / "tiny.safetensors"), "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_build_on_cuda(tmp_path: Path, reference: nn.Module) -> None:
+    save_weights(reference, tmp_path / "tiny.safetensors")
+    built = build_model(_spec(tmp_path), device="cuda")
+    assert next(built.parameters()).is_cuda
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(built(x.cuda()).cpu(), reference(x))
