@@ -137,3 +137,38 @@ def predict_tiled(
             result[:, core_rows, core_cols] = block.cpu().numpy()
     assert result is not None
     return result
+
+
+def activation_bytes(model: nn.Module, input_shape: tuple[int, int, int], batch: int = 1,
+                     dtype: torch.dtype = torch.float32) -> int:
+    """A rough peak of activation memory for one forward pass, from meta shapes.
+
+    The largest input-plus-output of any layer, times the batch: layers run
+    one after another and free what they no longer need under
+    ``torch.inference_mode``. No pixel is computed.
+    """
+    peak = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+        nonlocal peak
+        size = sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
+        if isinstance(output, torch.Tensor):
+            size += output.numel() * output.element_size()
+        peak = max(peak, size)
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        state = {k: v.to("meta") for k, v in model.state_dict(keep_vars=True).items()}
+        x = torch.empty((batch, *input_shape), dtype=dtype, device="meta")
+        with torch.no_grad():
+            functional_call(model, state, (x,), strict=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return peak
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -1,0 +1,149 @@
+"""The ``fcn-pipeline`` command: parse, call one function, show the result.
+
+Exit codes: 0 success, 1 some scene failed (the others completed), 2 usage
+errors (bad options, settings or model spec).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from pipeline._version import __version__
+from pipeline.errors import ConfigError, ModelError, PipelineError
+
+TILE_SIZES = (512, 1024, 2048)
+
+
+class _UsageError(click.UsageError):
+    """A usage error from our own validation (exit code 2)."""
+
+
+def _fail_usage(exc: Exception) -> None:
+    raise _UsageError(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fcn-pipeline")
+def main() -> None:
+    """Exact tiled inference of fully convolutional networks over large scenes."""
+
+
+@main.command()
+@click.argument("models", nargs=-1)
+@click.option("--tile-sizes", default=",".join(map(str, TILE_SIZES)), show_default=True,
+              help="Comma-separated tile sizes for the overhead columns.")
+def inspect(models: tuple[str, ...], tile_sizes: str) -> None:
+    """Receptive field, stride, halo and overhead of built-in architectures or model specs.
+
+    MODELS are built-in names (see `fcn-pipeline inspect` with none for all),
+    model spec files, or `demo`.
+    """
+    from pipeline.inspection import inspect_rows, render_table
+
+    try:
+        sizes = tuple(int(s) for s in tile_sizes.split(",") if s.strip())
+        rows = inspect_rows(models, sizes)
+    except ValueError as exc:
+        _fail_usage(exc)
+    click.echo(render_table(rows, sizes))
+
+
+@main.command("sample-scenes")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--size", default=2048, show_default=True, help="Pixels per side (up to 30000).")
+@click.option("--count", default=2, show_default=True, help="Number of scenes.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the first scene.")
+def sample_scenes(directory: Path, size: int, count: int, seed: int) -> None:
+    """Write generated georeferenced scenes and their true label rasters to DIRECTORY."""
+    from pipeline.samples import write_sample_scenes
+
+    try:
+        written = write_sample_scenes(directory, size=size, count=count, seed=seed)
+    except ConfigError as exc:
+        _fail_usage(exc)
+    for sample in written:
+        click.echo(f"{sample.scene}  (labels: {sample.labels.name})")
+
+
+def _progress_printer(stream=sys.stderr):  # type: ignore[no-untyped-def]
+    tty = stream.isatty()
+    last = [0.0]
+
+    def show(event) -> None:  # type: ignore[no-untyped-def]
+        rate = event.pixels_done / 1e6 / event.elapsed if event.elapsed else 0.0
+        text = (f"tiles {event.tiles_done}/{event.tiles_total} "
+                f"({100 * event.tiles_done / max(1, event.tiles_total):.0f}%)  "
+                f"{rate:.1f} Mpx/s  {event.elapsed:.0f} s")
+        now = time.monotonic()
+        finished = event.tiles_done >= event.tiles_total
+        if tty:
+            stream.write("\r" + text + ("\n" if finished else ""))
+            stream.flush()
+        elif finished or now - last[0] >= 5:
+            stream.write(text + "\n")
+            stream.flush()
+            last[0] = now
+
+    return show
+
+
+@main.command()
+@click.argument("scenes", nargs=-1)
+@click.option("--out", "output", type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--model", help="Model spec file, or `demo` (the default).")
+@click.option("--tile-size", type=int, help="Core tile size in pixels (default 1024).")
+@click.option("--batch-size", type=int, help="Tiles per task and per forward pass (default 1).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default auto.")
+@click.option("--scheduler", help="Dask scheduler address (else DASK_SCHEDULER_ADDRESS, else an embedded cluster).")
+@click.option("--workers", type=int, help="Workers of the embedded cluster (default: one per core).")
+@click.option("--threads-per-worker", type=int, help="Threads per worker, also torch's (default 1).")
+@click.option("--probabilities/--no-probabilities", default=None, help="Also store per-class float16 scores.")
+@click.option("--allow-no-crs", is_flag=True, default=None, help="Process scenes without a CRS.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tiles, halo, overhead, memory); compute nothing.")
+def run(scenes: tuple[str, ...], output: str | None, model: str | None, tile_size: int | None,
+        batch_size: int | None, device: str | None, scheduler: str | None, workers: int | None,
+        threads_per_worker: int | None, probabilities: bool | None, allow_no_crs: bool | None,
+        dry_run: bool) -> None:
+    """Label SCENES (GeoTIFF paths or glob patterns) into Zarr stores and COGs in --out."""
+    from pipeline.config import resolve, values_from_env
+    from pipeline.run import run as run_scenes
+
+    try:
+        config = resolve(values_from_env(), {
+            "scenes": tuple(scenes) or None, "output": output, "model": model,
+            "tile_size": tile_size, "batch_size": batch_size, "device": device,
+            "scheduler": scheduler, "workers": workers, "threads_per_worker": threads_per_worker,
+            "probabilities": probabilities, "allow_no_crs": allow_no_crs,
+        })
+        report = run_scenes(
+            config, dry_run=dry_run, on_progress=_progress_printer(),
+            on_dashboard=lambda link: click.echo(f"Dask dashboard: {link}", err=True),
+        )
+    except (ConfigError, ModelError) as exc:
+        _fail_usage(exc)
+    click.echo(report.plan_text if dry_run else _summary(report))
+    if not dry_run and report.manifest:
+        click.echo(f"outputs in {report.manifest.parent} (manifest {report.manifest.name})")
+    failed = [s for s in report.scenes if s.status == "failed"]
+    for scene in failed:
+        click.echo(f"error: {Path(scene.scene).name}: {scene.error}", err=True)
+    sys.exit(1 if failed else 0)
+
+
+def _summary(report) -> str:  # type: ignore[no-untyped-def]
+    header = f"{'scene':<24} {'size':>13} {'tiles':>6} {'seconds':>8} {'Mpx/s':>7}  {'status':<7} outputs"
+    lines = [header, "-" * len(header)]
+    for s in report.scenes:
+        size = f"{s.shape[0]}x{s.shape[1]}" if s.shape else "-"
+        outputs = ", ".join(Path(p).name for p in s.outputs.values()) or "-"
+        lines.append(f"{s.stem:<24} {size:>13} {s.tiles:>6} {s.seconds:>8.1f} "
+                     f"{s.megapixels_per_second:>7.2f}  {s.status:<7} {outputs}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,72 @@
+"""Where the Dask work runs: an embedded LocalCluster or a scheduler address."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from distributed import Client, LocalCluster
+
+from pipeline.errors import ConfigError
+
+#: The Dask resource that inference tasks ask for on a GPU run.
+GPU_RESOURCE = "GPU"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """How to get a Dask client for a run."""
+
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int = 1
+    gpu: bool = False
+
+    def address(self) -> str | None:
+        """The scheduler address from the spec, else ``DASK_SCHEDULER_ADDRESS``."""
+        return self.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+def default_workers(threads_per_worker: int, gpu: bool) -> int:
+    """One worker per GPU, or enough single-purpose workers to fill the CPU cores."""
+    if gpu:
+        import torch  # only to count devices; the cluster itself does not need torch
+
+        return max(1, torch.cuda.device_count())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // threads_per_worker)
+
+
+@contextmanager
+def connect(spec: ClusterSpec) -> Iterator[Client]:
+    """A Dask client for the run, closed (and any embedded cluster shut down) on exit."""
+    address = spec.address()
+    if address:
+        try:
+            client = Client(address, timeout="30s")
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    workers = spec.workers or default_workers(spec.threads_per_worker, spec.gpu)
+    dashboard = ":0" if importlib.util.find_spec("bokeh") else None
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=spec.threads_per_worker,
+        processes=True,
+        dashboard_address=dashboard,
+        resources={GPU_RESOURCE: 1} if spec.gpu else None,
+        silence_logs=logging.ERROR,
+    )
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()

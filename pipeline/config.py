@@ -1,0 +1,172 @@
+"""The run configuration: one validated tree, fed by a workflow file, the
+environment (``FCN_PIPELINE_<SECTION>_<KEY>``) and the command line, in that
+order of precedence from lowest to highest. Unknown keys are rejected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+SCHEMA_VERSION = 1
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_TILE_SIZE = 1024
+
+#: Section -> key -> (attribute of RunConfig, type). The tree users write.
+_LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
+    "": {"scenes": ("scenes", list), "model": ("model", str), "output": ("output", str)},
+    "tiling": {"tile_size": ("tile_size", int), "batch_size": ("batch_size", int)},
+    "compute": {
+        "device": ("device", str),
+        "scheduler": ("scheduler", str),
+        "workers": ("workers", int),
+        "threads_per_worker": ("threads_per_worker", int),
+    },
+    "outputs": {"probabilities": ("probabilities", bool), "overwrite": ("overwrite", bool)},
+    "input": {"allow_no_crs": ("allow_no_crs", bool)},
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs to know; see ``workflows/README.md`` for the file form."""
+
+    scenes: tuple[str, ...] = ()
+    model: str = "demo"
+    output: str = ""
+    tile_size: int = DEFAULT_TILE_SIZE
+    batch_size: int = 1
+    device: str = "auto"
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int = 1
+    probabilities: bool = False
+    overwrite: bool = False
+    allow_no_crs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 16:
+            raise ConfigError(f"tiling.tile_size must be at least 16 pixels, got {self.tile_size}")
+        if self.batch_size < 1:
+            raise ConfigError(f"tiling.batch_size must be at least 1, got {self.batch_size}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"compute.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"compute.workers must be at least 1, got {self.workers}")
+        if self.threads_per_worker < 1:
+            raise ConfigError(
+                f"compute.threads_per_worker must be at least 1, got {self.threads_per_worker}"
+            )
+
+    def with_overrides(self, **values: Any) -> "RunConfig":
+        """A copy with the non-``None`` values replaced."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def to_tree(self) -> dict[str, Any]:
+        """The nested form, as written in workflow files and run manifests."""
+        flat = asdict(self)
+        tree: dict[str, Any] = {"schema": SCHEMA_VERSION}
+        for section, keys in _LAYOUT.items():
+            target = tree if not section else tree.setdefault(section, {})
+            for key, (attr, _) in keys.items():
+                value = flat[attr]
+                target[key] = list(value) if isinstance(value, tuple) else value
+        return tree
+
+
+def _coerce(where: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is list:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    raise ConfigError(f"{where} must be {kind.__name__}, got {value!r}")
+
+
+def values_from_tree(tree: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """Flat RunConfig values from the nested form; unknown keys are errors."""
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    schema = tree.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise ConfigError(f"{source}: schema must be {SCHEMA_VERSION}, got {schema!r}")
+    values: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key == "schema":
+            continue
+        if key in _LAYOUT[""]:
+            attr, kind = _LAYOUT[""][key]
+            values[attr] = _coerce(f"{source}: {key}", value, kind)
+        elif key in _LAYOUT and key:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {key} must be a mapping")
+            for sub, sub_value in value.items():
+                if sub not in _LAYOUT[key]:
+                    raise ConfigError(
+                        f"{source}: {key}.{sub} is not a known setting "
+                        f"(known: {', '.join(_LAYOUT[key])})"
+                    )
+                attr, kind = _LAYOUT[key][sub]
+                if sub_value is None and attr in ("scheduler", "workers"):
+                    continue
+                values[attr] = _coerce(f"{source}: {key}.{sub}", sub_value, kind)
+        else:
+            known = [k for k in _LAYOUT[""]] + [k for k in _LAYOUT if k]
+            raise ConfigError(f"{source}: {key} is not a known setting (known: {', '.join(known)})")
+    return values
+
+
+def values_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """RunConfig values from ``FCN_PIPELINE_<SECTION>_<KEY>`` variables.
+
+    Top-level keys are ``FCN_PIPELINE_MODEL`` and ``FCN_PIPELINE_OUTPUT``;
+    an unknown ``FCN_PIPELINE_`` variable is an error, not silently ignored.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    names = {}
+    for section, keys in _LAYOUT.items():
+        for key, (attr, kind) in keys.items():
+            if key == "scenes":
+                continue
+            name = "FCN_PIPELINE_" + (f"{section}_{key}" if section else key).upper()
+            names[name] = (attr, kind, f"{section + '.' if section else ''}{key}")
+    for name, raw in env.items():
+        if not name.startswith("FCN_PIPELINE_"):
+            continue
+        if name not in names:
+            raise ConfigError(f"environment variable {name} is not a known setting "
+                              f"(known: {', '.join(sorted(names))})")
+        attr, kind, where = names[name]
+        values[attr] = _coerce(f"{name} ({where})", raw, kind)
+    return values
+
+
+def resolve(*layers: Mapping[str, Any]) -> RunConfig:
+    """A RunConfig from flat value layers, later layers overriding earlier ones."""
+    merged: dict[str, Any] = {}
+    known = {f.name for f in fields(RunConfig)}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in known:
+                raise ConfigError(f"unknown setting {key}")
+            if value is not None:
+                merged[key] = value
+    return RunConfig(**merged)

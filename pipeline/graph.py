@@ -1,0 +1,61 @@
+"""The Dask graph of a run: one task per batch of tiles, one publish task per scene.
+
+Task keys are deterministic: they derive from the scene file (path, size,
+modification time), the model's weights checksum and the tiling, so the same
+run gives the same keys. Inference tasks ask for the ``GPU`` resource on a
+GPU run; publishing runs anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dask.base import tokenize
+from distributed import Client, Future
+
+from pipeline.cluster import GPU_RESOURCE
+from pipeline.plan import ScenePlan
+from pipeline.tasks import ModelRef, SceneTarget, predict_tiles, publish_scene
+
+
+@dataclass(frozen=True)
+class SceneFutures:
+    """The futures of one scene: its tile batches and its publication."""
+
+    plan: ScenePlan
+    tiles: tuple[Future, ...]
+    publish: Future
+    pixels: tuple[int, ...]
+
+
+def scene_token(plan: ScenePlan, model: ModelRef, batch_size: int, probabilities: bool) -> str:
+    """A deterministic token of everything that decides a scene's outputs."""
+    info = plan.info
+    return tokenize(
+        info.path, info.shape, info.size_bytes, info.mtime_ns, model.sha256, model.spec_path,
+        plan.grid.tile_shape, plan.grid.halo, batch_size, probabilities,
+    )
+
+
+def submit_scene(client: Client, plan: ScenePlan, model: ModelRef, *, batch_size: int,
+                 probabilities: bool, gpu: bool) -> SceneFutures:
+    """Submit a scene's tile tasks and its publish task."""
+    token = scene_token(plan, model, batch_size, probabilities)
+    target = SceneTarget(plan.info.path, str(plan.outputs.store), probabilities)
+    resources = {GPU_RESOURCE: 1} if gpu else None
+    batches = plan.batches(batch_size)
+    tiles = tuple(
+        client.submit(
+            predict_tiles, model, target, batch,
+            key=f"predict-{plan.outputs.stem}-{token}-{k}",
+            resources=resources,
+            pure=False,
+        )
+        for k, batch in enumerate(batches)
+    )
+    publish = client.submit(
+        publish_scene, str(plan.outputs.store), str(plan.outputs.cog), *tiles,
+        key=f"publish-{plan.outputs.stem}-{token}",
+        pure=False,
+    )
+    return SceneFutures(plan, tiles, publish, tuple(sum(t.core.area for t in b) for b in batches))

@@ -1,0 +1,70 @@
+"""Figures for ``fcn-pipeline inspect``: receptive field, halo and overhead per model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.analysis import receptive_field
+from pipeline.grid import interior_overhead
+from pipeline.receptive import Halo, ReceptiveField
+
+
+@dataclass(frozen=True)
+class InspectRow:
+    """One model's geometry and its interior-tile overhead per tile size."""
+
+    name: str
+    field: ReceptiveField
+    halo: Halo
+    coarse: ReceptiveField | None
+    overheads: tuple[float, ...]
+
+
+def _build(name: str) -> nn.Module:
+    from pipeline import models
+
+    if name in models.ARCHITECTURES:
+        with torch.device("meta"):
+            return models.build(name).eval()
+    from pipeline.model import build_model
+    from pipeline.modelspec import load_spec
+
+    return build_model(load_spec(name))
+
+
+def inspect_rows(names: tuple[str, ...], tile_sizes: tuple[int, ...]) -> list[InspectRow]:
+    """Analyse each model (all built-ins when ``names`` is empty)."""
+    from pipeline import models
+
+    rows = []
+    for name in names or tuple(models.ARCHITECTURES):
+        module = _build(name)
+        field = receptive_field(module)
+        coarse = None
+        if hasattr(module, "features") and hasattr(module, "head"):
+            coarse = receptive_field(nn.Sequential(module.features, module.head))
+        rows.append(InspectRow(name, field, field.halo(), coarse,
+                               tuple(interior_overhead(field, t) for t in tile_sizes)))
+    return rows
+
+
+def render_table(rows: list[InspectRow], tile_sizes: tuple[int, ...]) -> str:
+    """A fixed-width table of the rows."""
+    head = (f"{'model':<14} {'RF':>5} {'stride':>6} {'coarse RF/stride':>16} {'align':>5} "
+            f"{'halo':>9} " + " ".join(f"{'ovh@' + str(t):>9}" for t in tile_sizes))
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        coarse = f"{row.coarse.size[0]}/{row.coarse.stride[0]}" if row.coarse else "-"
+        halo = f"{row.halo.before[0]}/{row.halo.after[0]}"
+        lines.append(
+            f"{row.name:<14} {row.field.size[0]:>5} {row.field.stride[0]:>6} {coarse:>16} "
+            f"{row.field.align[0]:>5} {halo:>9} "
+            + " ".join(f"{o:>9.3f}" for o in row.overheads)
+        )
+    lines.append("RF: receptive field (px) of the dense output; coarse: the classic FCN "
+                 "(features + head, FCN paper Table 1); halo: px before/after a tile; "
+                 "ovh: pixels computed / pixels output for an interior tile.")
+    return "\n".join(lines)

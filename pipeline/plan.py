@@ -1,0 +1,114 @@
+"""The run plan: which scenes, which tiles, where outputs go. Pure: no I/O, no Dask."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+from pipeline.grid import Tile, TileGrid
+from pipeline.receptive import ReceptiveField
+from pipeline.scene import SceneInfo
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where one scene's outputs go, inside the output directory."""
+
+    stem: str
+    store: Path
+    cog: Path
+
+
+def outputs_for(scene: str | Path, out_dir: Path) -> Outputs:
+    """Output names from a scene's file name, always inside ``out_dir``.
+
+    Characters other than letters, digits, ``.``, ``_`` and ``-`` become
+    ``_``, and a leading dot is dropped, so a name never escapes the
+    directory or hides.
+    """
+    stem = _UNSAFE.sub("_", Path(scene).stem).lstrip(".") or "scene"
+    return Outputs(stem, out_dir / f"{stem}.zarr", out_dir / f"{stem}.tif")
+
+
+def check_unique(outputs: list[Outputs], scenes: list[str]) -> None:
+    """Refuse two scenes that would write the same outputs."""
+    seen: dict[str, str] = {}
+    for out, scene in zip(outputs, scenes):
+        if out.stem in seen:
+            raise ConfigError(
+                f"scenes {seen[out.stem]} and {scene} would both write {out.stem}.zarr/.tif; "
+                "rename one or run them into different output directories"
+            )
+        seen[out.stem] = scene
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """One scene to label: its header, tile grid and outputs."""
+
+    info: SceneInfo
+    grid: TileGrid
+    outputs: Outputs
+
+    def batches(self, size: int) -> list[tuple[Tile, ...]]:
+        """Tiles in row-major runs of ``size``; runs never cross a row of tiles.
+
+        Tiles in one run mostly share their window shape, so they go through
+        the network as one batch.
+        """
+        rows, cols = self.grid.grid_shape
+        out = []
+        for i in range(rows):
+            row = [self.grid.tile(i, j) for j in range(cols)]
+            out.extend(tuple(row[k:k + size]) for k in range(0, cols, size))
+        return out
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one inference task holds at its peak, roughly."""
+
+    window_input: int
+    activations: int
+    weights: int
+
+    @property
+    def total(self) -> int:
+        return self.window_input + self.activations + self.weights
+
+
+def describe(plans: list[ScenePlan], field: ReceptiveField, memory: MemoryEstimate,
+             batch_size: int) -> str:
+    """The dry-run text: tiles, halo, overhead and memory, per scene and in total."""
+    halo = plans[0].grid.halo if plans else field.halo()
+    lines = [
+        f"receptive field {field.size[0]}x{field.size[1]} px, stride {field.stride[0]}, "
+        f"windows aligned to {field.align[0]} px",
+        f"halo before {halo.before[0]}x{halo.before[1]} px, after {halo.after[0]}x{halo.after[1]} "
+        "px (rows x cols)",
+        f"memory per inference task ~{memory.total / 2**20:.0f} MiB "
+        f"(input {memory.window_input / 2**20:.0f}, activations {memory.activations / 2**20:.0f}, "
+        f"weights {memory.weights / 2**20:.0f}) with batch size {batch_size}",
+    ]
+    total_tiles = total_px = computed = 0
+    for plan in plans:
+        grid = plan.grid
+        rows, cols = grid.scene_shape
+        lines.append(
+            f"{plan.outputs.stem}: {rows}x{cols} px, {len(grid)} tiles "
+            f"({grid.grid_shape[0]}x{grid.grid_shape[1]} of {grid.tile_shape[0]}x{grid.tile_shape[1]}),"
+            f" overhead {grid.overhead:.3f} -> {plan.outputs.store.name}, {plan.outputs.cog.name}"
+        )
+        total_tiles += len(grid)
+        total_px += rows * cols
+        computed += grid.computed_pixels
+    if plans:
+        lines.append(
+            f"total: {len(plans)} scenes, {total_tiles} tiles, {total_px / 1e6:.1f} Mpx, "
+            f"overhead {computed / total_px:.3f} (pixels computed / pixels output)"
+        )
+    return "\n".join(lines)

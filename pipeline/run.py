@@ -1,0 +1,292 @@
+"""``run(config)``: plan every scene, run the Dask graph, publish outputs, write the manifest."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from distributed import as_completed
+
+from pipeline._version import __version__
+from pipeline.analysis import receptive_field
+from pipeline.cluster import ClusterSpec, connect
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError, ModelError, PipelineError
+from pipeline.graph import SceneFutures, submit_scene
+from pipeline.grid import TileGrid
+from pipeline.inference import activation_bytes, output_shape, weight_bytes
+from pipeline.model import build_model
+from pipeline.modelspec import ModelSpec, load_spec, verify_weights
+from pipeline.plan import MemoryEstimate, ScenePlan, check_unique, describe, outputs_for
+from pipeline.readers import check_bands, open_scene
+from pipeline.receptive import ReceptiveField
+from pipeline.tasks import ModelRef
+from pipeline.writers import LabelStoreSpec, create_label_store
+
+MANIFEST = "run.json"
+_VERSIONED = ("torch", "numpy", "dask", "distributed", "rasterio", "zarr")
+
+
+@dataclass
+class SceneResult:
+    """What happened to one scene."""
+
+    scene: str
+    stem: str
+    shape: tuple[int, int] | None = None
+    tiles: int = 0
+    tiles_done: int = 0
+    inferred: int = 0
+    seconds: float = 0.0
+    status: str = "pending"
+    error: str | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def megapixels_per_second(self) -> float:
+        if not self.shape or not self.seconds:
+            return 0.0
+        return self.shape[0] * self.shape[1] / 1e6 / self.seconds
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress event: tiles and pixels done so far."""
+
+    tiles_done: int
+    tiles_total: int
+    pixels_done: int
+    elapsed: float
+
+
+@dataclass
+class RunReport:
+    """The outcome of a run."""
+
+    scenes: list[SceneResult]
+    manifest: Path | None
+    plan_text: str
+    dashboard: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(s.status == "done" for s in self.scenes)
+
+
+def expand_scenes(patterns: tuple[str, ...]) -> list[str]:
+    """Scene paths from paths and glob patterns, in order, without repeats.
+
+    A pattern that matches nothing is kept as a path, so the scene fails
+    with a clear "no such file" rather than vanishing.
+    """
+    if not patterns:
+        raise ConfigError("no scenes given: pass scene files or patterns, or set scenes in a workflow")
+    seen: dict[str, None] = {}
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        for path in matches or [pattern]:
+            seen.setdefault(path, None)
+    return list(seen)
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass(frozen=True)
+class _Model:
+    spec: ModelSpec
+    sha256: str
+    field: ReceptiveField
+    module: torch.nn.Module
+
+
+def _load_model(source: str) -> _Model:
+    spec = load_spec(source)
+    digest = verify_weights(spec)
+    module = build_model(spec)
+    return _Model(spec, digest, receptive_field(module), module)
+
+
+def _plan_scene(path: str, config: RunConfig, model: _Model, out_dir: Path) -> ScenePlan:
+    info = open_scene(path, allow_no_crs=config.allow_no_crs)
+    check_bands(info, model.spec.bands, model.spec.dtypes)
+    channels = len(model.spec.bands)
+    shape = output_shape(model.module, (channels, *info.shape))
+    if tuple(shape[1:]) != info.shape:
+        raise ModelError(
+            f"{model.spec.source}: the model gives a {shape[1]}x{shape[2]} output for the "
+            f"{info.shape[0]}x{info.shape[1]} scene {Path(path).name}; label maps need an output "
+            "at the scene's resolution (upsample in the model)"
+        )
+    grid = TileGrid.build(info.shape, info.shape, model.field, config.tile_size)
+    return ScenePlan(info, grid, outputs_for(path, out_dir))
+
+
+def _memory(model: _Model, plans: list[ScenePlan], batch_size: int) -> MemoryEstimate:
+    if not plans:
+        return MemoryEstimate(0, 0, weight_bytes(model.module))
+    rows, cols = max((p.grid.max_window_shape for p in plans), key=lambda s: s[0] * s[1])
+    channels = len(model.spec.bands)
+    return MemoryEstimate(
+        window_input=batch_size * rows * cols * channels * (4 + 8),
+        activations=activation_bytes(model.module, (channels, rows, cols), batch_size),
+        weights=weight_bytes(model.module),
+    )
+
+
+def _versions() -> dict[str, str]:
+    versions = {"fcn-pipeline": __version__, "python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
+def write_manifest(path: Path, payload: dict[str, Any]) -> None:
+    """Write the manifest atomically (a temporary file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def run(config: RunConfig, *, dry_run: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+        on_dashboard: Callable[[str], None] | None = None) -> RunReport:
+    """Label every scene of ``config``; never raises for a bad scene, only for bad settings."""
+    if not config.output:
+        raise ConfigError("no output directory: pass --out DIR or set output in a workflow")
+    started = time.time()
+    out_dir = Path(config.output).absolute()
+    paths = expand_scenes(config.scenes)
+    model = _load_model(config.model)
+    device = _resolve_device(config.device)
+    outputs = [outputs_for(p, out_dir) for p in paths]
+    check_unique(outputs, paths)
+
+    results = [SceneResult(scene=p, stem=o.stem) for p, o in zip(paths, outputs)]
+    plans: dict[int, ScenePlan] = {}
+    for k, (path, result) in enumerate(zip(paths, results)):
+        try:
+            plans[k] = _plan_scene(path, config, model, out_dir)
+        except PipelineError as exc:
+            result.status, result.error = "failed", str(exc)
+            continue
+        result.shape = plans[k].info.shape
+        result.tiles = len(plans[k].grid)
+    plan_text = describe(list(plans.values()), model.field,
+                         _memory(model, list(plans.values()), config.batch_size),
+                         config.batch_size)
+    if dry_run:
+        return RunReport(results, None, plan_text)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_ref = ModelRef(str(model.spec.path), model.sha256, device, config.threads_per_worker)
+    cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker,
+                          gpu=device == "cuda")
+    dashboard = None
+    with connect(cluster) as client:
+        dashboard = client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
+        if dashboard and on_dashboard:
+            on_dashboard(dashboard)
+        submitted: dict[int, SceneFutures] = {}
+        for k, plan in plans.items():
+            create_label_store(plan.outputs.store, _store_spec(plan, model, config, device))
+            submitted[k] = submit_scene(client, plan, model_ref, batch_size=config.batch_size,
+                                        probabilities=config.probabilities, gpu=device == "cuda")
+        _track(submitted, results, started, on_progress)
+    for result in results:
+        if result.status == "done":
+            plan = next(p for p in plans.values() if p.outputs.stem == result.stem)
+            result.outputs = {"zarr": str(plan.outputs.store), "cog": str(plan.outputs.cog)}
+    manifest = out_dir / MANIFEST
+    write_manifest(manifest, {
+        "fcn_pipeline": __version__,
+        "started": started,
+        "finished": time.time(),
+        "config": config.to_tree(),
+        "device": device,
+        "model": {
+            "spec": str(model.spec.path), "name": model.spec.name, "sha256": model.sha256,
+            "receptive_field": asdict(model.field),
+        },
+        "versions": _versions(),
+        "scenes": [asdict(r) for r in results],
+    })
+    return RunReport(results, manifest, plan_text, dashboard)
+
+
+def _store_spec(plan: ScenePlan, model: _Model, config: RunConfig, device: str) -> LabelStoreSpec:
+    info = plan.info
+    return LabelStoreSpec(
+        shape=info.shape,
+        chunks=plan.grid.tile_shape,
+        crs=info.crs,
+        transform=info.transform,
+        classes=model.spec.classes,
+        nodata=model.spec.nodata_output,
+        probabilities=config.probabilities,
+        attrs={
+            "fcn_pipeline": __version__,
+            "scene": info.path,
+            "model": model.spec.name,
+            "model_sha256": model.sha256,
+            "tile_size": config.tile_size,
+            "halo": asdict(plan.grid.halo),
+        },
+    )
+
+
+def _track(submitted: dict[int, SceneFutures], results: list[SceneResult], started: float,
+           on_progress: Callable[[Progress], None] | None) -> None:
+    """Follow every future to its end, updating results and reporting progress."""
+    owner: dict[str, tuple[int, int | None]] = {}
+    futures = []
+    for k, scene in submitted.items():
+        for b, future in enumerate(scene.tiles):
+            owner[future.key] = (k, b)
+            futures.append(future)
+        owner[scene.publish.key] = (k, None)
+        futures.append(scene.publish)
+        results[k].status = "running"
+    total = sum(len(s.plan.grid) for s in submitted.values())
+    done_tiles = done_pixels = 0
+    scene_start = {k: started for k in submitted}
+    for future in as_completed(futures):
+        k, batch = owner[future.key]
+        result = results[k]
+        if future.status == "error":
+            if result.status != "failed":
+                result.status = "failed"
+                result.error = _one_line(future.exception())
+            continue
+        if batch is None:
+            stats = future.result()
+            result.inferred = stats.inferred
+            result.seconds = time.time() - scene_start[k]
+            result.status = "done"
+            continue
+        stats = future.result()
+        result.tiles_done += stats.tiles
+        done_tiles += stats.tiles
+        done_pixels += stats.pixels
+        if on_progress:
+            on_progress(Progress(done_tiles, total, done_pixels, time.time() - started))

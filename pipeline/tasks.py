@@ -1,0 +1,123 @@
+"""The work of Dask tasks: predict a batch of tiles, publish a finished scene.
+
+A task receives paths, boxes and a model reference (spec path + weights
+sha256 + device), never open files or weights. It reads only its windows,
+runs the model its worker process loaded once (:func:`cached_model`), crops
+each window's output to its core tile and writes that tile's Zarr chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.grid import Tile
+from pipeline.model import cached_model
+from pipeline.modelspec import ModelSpec, normalize
+from pipeline.readers import read_window
+from pipeline.writers import write_cog, write_labels
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model a task runs, and how: the graph carries this, never weights."""
+
+    spec_path: str
+    sha256: str
+    device: str
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class SceneTarget:
+    """One scene's input and label store, as tile tasks need them."""
+
+    scene: str
+    store: str
+    probabilities: bool
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What a tile task did."""
+
+    tiles: int
+    inferred: int
+    pixels: int
+    seconds: float
+
+
+def _valid(spec: ModelSpec, data: np.ndarray, scene_valid: np.ndarray) -> np.ndarray:
+    if spec.nodata_input == "scene":
+        return scene_valid
+    if spec.nodata_input == "none":
+        return np.ones(scene_valid.shape, dtype=bool)
+    value = float(spec.nodata_input)  # type: ignore[arg-type]
+    return ~np.all(data == value, axis=0)
+
+
+def _prepare_torch(threads: int) -> None:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, ...]) -> BatchStats:
+    """Predict ``tiles`` of one scene and write their chunks.
+
+    Windows of equal shape go through the network in one batch. Tiles whose
+    core has no valid input pixel are written as nodata without inference.
+    """
+    start = time.perf_counter()
+    _prepare_torch(model_ref.threads)
+    spec, model = cached_model(model_ref.spec_path, model_ref.sha256, model_ref.device)
+    groups: dict[tuple[int, int], list[tuple[Tile, np.ndarray, np.ndarray]]] = defaultdict(list)
+    for tile in tiles:
+        data, scene_valid = read_window(target.scene, tile.window, spec.bands)
+        valid = _valid(spec, data, scene_valid)[tile.crop.slices()]
+        if not valid.any():
+            _write(target, tile, np.full(tile.core.shape, spec.nodata_output), None, spec)
+            continue
+        groups[tile.window.shape].append((tile, normalize(data, spec), valid))
+    inferred = 0
+    for members in groups.values():
+        batch = torch.from_numpy(np.stack([x for _, x, _ in members]))
+        with torch.inference_mode():
+            scores = model(batch.to(model_ref.device, non_blocking=True))
+            labels = scores.argmax(dim=1).to(torch.uint8 if len(spec.classes) <= 255 else torch.int32)
+            probs = torch.softmax(scores.float(), dim=1) if target.probabilities else None
+        labels_np = labels.cpu().numpy()
+        probs_np = probs.to(torch.float16).cpu().numpy() if probs is not None else None
+        for k, (tile, _, valid) in enumerate(members):
+            block = labels_np[k][tile.crop.slices()].copy()
+            block[~valid] = spec.nodata_output
+            tile_probs = None
+            if probs_np is not None:
+                tile_probs = probs_np[k][(slice(None), *tile.crop.slices())].copy()
+                tile_probs[:, ~valid] = np.nan
+            _write(target, tile, block, tile_probs, spec)
+            inferred += 1
+    pixels = sum(t.core.area for t in tiles)
+    return BatchStats(len(tiles), inferred, pixels, time.perf_counter() - start)
+
+
+def _write(target: SceneTarget, tile: Tile, labels: np.ndarray, probs: np.ndarray | None,
+           spec: ModelSpec) -> None:
+    if target.probabilities and probs is None:
+        probs = np.full((len(spec.classes), *tile.core.shape), np.nan, dtype=np.float16)
+    write_labels(target.store, tile.core, labels, probs)
+
+
+def publish_scene(store: str, cog: str, *batches: BatchStats) -> BatchStats:
+    """Make the scene's COG from its finished Zarr store; sum its tile stats."""
+    start = time.perf_counter()
+    write_cog(store, cog)
+    return BatchStats(
+        tiles=sum(b.tiles for b in batches),
+        inferred=sum(b.inferred for b in batches),
+        pixels=sum(b.pixels for b in batches),
+        seconds=time.perf_counter() - start,
+    )
