@@ -23,7 +23,7 @@ install: $(BIN)/fcn-pipeline
 
 demo: install
 	$(BIN)/fcn-pipeline sample-scenes $(DEMO_DIR)/scenes --count 2 --size 2048
-	$(BIN)/fcn-pipeline run $(DEMO_DIR)/scenes/scene-*.tif --model demo --out $(DEMO_DIR)/out
+	$(BIN)/fcn-pipeline run "$(DEMO_DIR)/scenes/*.tif" --model demo --out $(DEMO_DIR)/out
 
 test: install
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -66,7 +66,7 @@ def sample_scenes(directory: Path, size: int, count: int, seed: int) -> None:
     except ConfigError as exc:
         _fail_usage(exc)
     for sample in written:
-        click.echo(f"{sample.scene}  (labels: {sample.labels.name})")
+        click.echo(f"{sample.scene}  (true labels: {sample.labels})")
 
 
 def _progress_printer(stream=sys.stderr):  # type: ignore[no-untyped-def]
@@ -132,6 +132,29 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, tile_siz
     for scene in failed:
         click.echo(f"error: {Path(scene.scene).name}: {scene.error}", err=True)
     sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.option("--sizes", default="2048,8192,20000", show_default=True,
+              help="Comma-separated scene sizes (pixels per side).")
+@click.option("--tile-size", type=int, help="Tile size for the runs (default: run's default).")
+@click.option("--workers", type=int, help="Workers of the embedded cluster.")
+@click.option("--model", default="demo", show_default=True, help="Model spec or `demo`.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the temporary scenes go (default: the system's temporary folder).")
+def bench(sizes: str, tile_size: int | None, workers: int | None, model: str,
+          workdir: Path | None) -> None:
+    """Peak memory of the whole process tree and Mpx/s of `run` on generated scenes."""
+    from pipeline.benchmark import memory_benchmark, render_memory
+
+    try:
+        values = tuple(int(s) for s in sizes.split(",") if s.strip())
+    except ValueError as exc:
+        _fail_usage(exc)
+    figures = memory_benchmark(values, tile_size=tile_size, workers=workers, model=model,
+                               workdir=workdir, log=lambda m: click.echo(m, err=True))
+    click.echo(render_memory(figures))
+    sys.exit(1 if any(f.exit_code for f in figures) else 0)
 
 
 def _summary(report) -> str:  # type: ignore[no-untyped-def]

@@ -590,30 +590,35 @@ def _write_scene(seed: int, size: int, block: int, paths: SampleScene) -> None:
     parts[1].replace(paths.labels)
 
 
+#: Sub-folder of a sample directory that holds the true label rasters.
+TRUTH_DIR = "truth"
+
+
 def write_sample_scenes(
     directory: str | Path, *, size: int = 2048, count: int = 2, seed: int = 0, block: int = 512
 ) -> list[SampleScene]:
     """Write ``count`` square sample scenes of ``size`` pixels and their label rasters.
 
     Files are ``directory/scene-{k:03d}.tif`` (3 bands uint8, nodata 0, RGB)
-    and ``directory/scene-{k:03d}-labels.tif`` (1 band uint8, nodata 255,
+    and ``directory/truth/scene-{k:03d}.tif`` (1 band uint8, nodata 255,
     colour map of :data:`CLASSES`, class names in tags ``class_0``...), scene
     ``k`` made from seed ``seed + k``: tiled, DEFLATE, EPSG:32633 with 10 m
     pixels. Pixels are rendered and written in ``block`` x ``block``
     windows, so memory depends on ``block``, not on ``size``. Existing files
-    of the same names are replaced.
+    of the same names are replaced. The true labels sit in their own folder so
+    that ``directory/*.tif`` matches the scenes only.
     """
     _check_int("size", size, 1, MAX_SIZE)
     _check_int("count", count, 1)
     _check_int("block", block, 1)
     _check_int("seed", seed)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    (directory / TRUTH_DIR).mkdir(parents=True, exist_ok=True)
     written = []
     with rasterio.Env():
         for k in range(count):
             name = f"scene-{k:03d}"
-            paths = SampleScene(directory / f"{name}.tif", directory / f"{name}-labels.tif")
+            paths = SampleScene(directory / f"{name}.tif", directory / TRUTH_DIR / f"{name}.tif")
             _write_scene(seed + k, size, block, paths)
             written.append(paths)
     return written

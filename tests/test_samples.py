@@ -183,13 +183,14 @@ def test_written_scenes_are_complete_and_georeferenced(tmp_path) -> None:
     written = write_sample_scenes(tmp_path / "out", size=1000, count=2, seed=4, block=256)
     out = tmp_path / "out"
     assert written == [
-        SampleScene(out / f"scene-{k:03d}.tif", out / f"scene-{k:03d}-labels.tif") for k in range(2)
+        SampleScene(out / f"scene-{k:03d}.tif", out / "truth" / f"scene-{k:03d}.tif")
+        for k in range(2)
     ]
-    assert sorted(p.name for p in out.iterdir()) == [
-        "scene-000-labels.tif",
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.tif")) == [
         "scene-000.tif",
-        "scene-001-labels.tif",
         "scene-001.tif",
+        "truth/scene-000.tif",
+        "truth/scene-001.tif",
     ]
     for k, paths in enumerate(written):
         image, labels = whole(4 + k, (1000, 1000))
