@@ -1,0 +1,56 @@
+"""The run configuration tree: validation, environment, precedence."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import RunConfig, resolve, values_from_env, values_from_tree
+from pipeline.errors import ConfigError
+from pipeline.plan import check_unique, outputs_for
+
+
+def test_tree_round_trip_and_defaults(tmp_path) -> None:
+    config = RunConfig(scenes=("a.tif",), output="out", tile_size=512, probabilities=True)
+    tree = config.to_tree()
+    assert tree["schema"] == 1 and tree["tiling"]["tile_size"] == 512
+    assert resolve(values_from_tree(tree)) == config
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"schema": 2}, "schema must be 1"),
+    ({"schema": 1, "colour": 1}, "colour is not a known setting"),
+    ({"schema": 1, "tiling": {"tile": 5}}, "tiling.tile is not a known setting"),
+    ({"schema": 1, "tiling": {"tile_size": "big"}}, "tiling.tile_size must be int"),
+    ({"schema": 1, "tiling": {"tile_size": 8}}, "at least 16"),
+    ({"schema": 1, "compute": {"device": "tpu"}}, "compute.device"),
+    ({"schema": 1, "compute": {"workers": 0}}, "compute.workers"),
+])
+def test_bad_trees_name_the_setting(tree, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve(values_from_tree(tree))
+
+
+def test_environment_feeds_the_tree_and_the_command_line_wins() -> None:
+    env = {"FCN_PIPELINE_TILING_TILE_SIZE": "768", "FCN_PIPELINE_COMPUTE_DEVICE": "cpu",
+           "FCN_PIPELINE_OUTPUTS_PROBABILITIES": "yes", "OTHER": "x"}
+    config = resolve({"tile_size": 256}, values_from_env(env), {"device": None})
+    assert config.tile_size == 768 and config.device == "cpu" and config.probabilities
+    assert resolve(values_from_env(env), {"tile_size": 2048}).tile_size == 2048
+
+
+def test_unknown_environment_variable_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="FCN_PIPELINE_TILESIZE"):
+        values_from_env({"FCN_PIPELINE_TILESIZE": "1"})
+
+
+def test_output_names_stay_inside_the_output_directory(tmp_path) -> None:
+    for scene in ("../../etc/passwd.tif", "/abs/..hidden.tif", "we ird:name.tif", ".tif"):
+        out = outputs_for(scene, tmp_path)
+        assert out.store.parent == tmp_path and out.cog.parent == tmp_path
+        assert not out.stem.startswith(".") and "/" not in out.stem
+
+
+def test_two_scenes_with_one_stem_are_refused(tmp_path) -> None:
+    scenes = ["a/x.tif", "b/x.tif"]
+    with pytest.raises(ConfigError, match="both write x"):
+        check_unique([outputs_for(s, tmp_path) for s in scenes], scenes)
