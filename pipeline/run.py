@@ -98,9 +98,14 @@ def expand_scenes(patterns: tuple[str, ...]) -> list[str]:
     return list(seen)
 
 
-def _resolve_device(device: str) -> str:
+def _resolve_device(device: str, remote: bool) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not remote and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda was asked for, but torch sees no CUDA device on this machine "
+            "(use --device cpu, or a --scheduler whose workers have GPUs)"
+        )
     return device
 
 
@@ -178,7 +183,8 @@ def run(config: RunConfig, *, dry_run: bool = False,
     out_dir = Path(config.output).absolute()
     paths = expand_scenes(config.scenes)
     model = _load_model(config.model)
-    device = _resolve_device(config.device)
+    remote = bool(config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"))
+    device = _resolve_device(config.device, remote)
     outputs = [outputs_for(p, out_dir) for p in paths]
     check_unique(outputs, paths)
 
@@ -212,7 +218,7 @@ def run(config: RunConfig, *, dry_run: bool = False,
             create_label_store(plan.outputs.store, _store_spec(plan, model, config, device))
             submitted[k] = submit_scene(client, plan, model_ref, batch_size=config.batch_size,
                                         probabilities=config.probabilities, gpu=device == "cuda")
-        _track(submitted, results, started, on_progress)
+        _track(submitted, results, time.time(), on_progress)
     for result in results:
         if result.status == "done":
             plan = next(p for p in plans.values() if p.outputs.stem == result.stem)

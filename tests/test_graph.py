@@ -1,0 +1,80 @@
+"""The Dask graph: deterministic keys, one chunk per task, GPU resource requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from distributed import Client, LocalCluster, wait
+
+from pipeline.analysis import receptive_field
+from pipeline.graph import scene_token, submit_scene
+from pipeline.grid import TileGrid
+from pipeline.model import save_weights
+from pipeline.models import unet_small
+from pipeline.modelspec import load_spec
+from pipeline.plan import ScenePlan, outputs_for
+from pipeline.readers import open_scene
+from pipeline.samples import write_sample_scenes
+from pipeline.tasks import ModelRef
+from pipeline.writers import LabelStoreSpec, create_label_store
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    folder = tmp_path_factory.mktemp("spec")
+    torch.manual_seed(0)
+    digest = save_weights(unet_small(base=2, depth=2).eval(), folder / "unet.safetensors")
+    spec = {
+        "schema": 1, "name": "tiny-unet", "architecture": "unet-small",
+        "arguments": {"base": 2, "depth": 2}, "weights": "unet.safetensors", "sha256": digest,
+        "bands": [1, 2, 3], "normalization": {"scale": 0.004, "mean": [0.5] * 3, "std": [0.25] * 3},
+        "classes": [{"name": f"c{k}", "color": [40 * k, 80, 120]} for k in range(4)],
+    }
+    path = folder / "unet.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path, digest
+
+
+def _plan(scene: Path, spec_path: Path, out: Path, tile: int) -> ScenePlan:
+    from pipeline.model import build_model
+
+    info = open_scene(scene)
+    field = receptive_field(build_model(load_spec(spec_path)))
+    grid = TileGrid.build(info.shape, info.shape, field, tile)
+    return ScenePlan(info, grid, outputs_for(scene, out))
+
+
+def test_gpu_runs_ask_for_the_gpu_resource_and_keys_are_deterministic(tmp_path, tiny_spec) -> None:
+    spec_path, digest = tiny_spec
+    scene = write_sample_scenes(tmp_path / "s", size=96, count=1)[0].scene
+    plan = _plan(scene, spec_path, tmp_path / "o", 32)
+    spec = load_spec(spec_path)
+    create_label_store(plan.outputs.store, LabelStoreSpec(
+        shape=plan.info.shape, chunks=plan.grid.tile_shape, crs=plan.info.crs,
+        transform=plan.info.transform, classes=spec.classes, nodata=255))
+    # The device stays on the CPU here; only the resource request is under test.
+    model = ModelRef(str(spec_path), digest, "cpu")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      resources={"GPU": 1}, dashboard_address=None) as cluster, Client(cluster) as client:
+        futures = submit_scene(client, plan, model, batch_size=2, probabilities=False, gpu=True)
+        wait([*futures.tiles, futures.publish])
+        restrictions = client.run_on_scheduler(
+            lambda dask_scheduler: {k: ts.resource_restrictions for k, ts in dask_scheduler.tasks.items()}
+        )
+        assert all(f.status == "finished" for f in futures.tiles), [f.exception() for f in futures.tiles]
+        assert futures.publish.status == "finished"
+    assert len(futures.tiles) == 3 * 2  # 3 rows of tiles, 3 tiles a row in runs of 2
+    for future in futures.tiles:
+        assert restrictions[future.key] == {"GPU": 1}
+    assert not restrictions[futures.publish.key]
+    again = scene_token(plan, model, 2, False)
+    assert all(again in f.key for f in futures.tiles)
+    assert scene_token(plan, model, 1, False) != again
+    labels = zarr.open_group(str(plan.outputs.store), mode="r")["labels"][:]
+    assert labels.shape == (96, 96) and set(np.unique(labels)) <= {0, 1, 2, 3, 255}
+    assert plan.outputs.cog.is_file()
