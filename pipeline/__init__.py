@@ -17,7 +17,7 @@ _EXPORTS = {
     "TileGrid": "pipeline.grid",
     "Tile": "pipeline.grid",
     "receptive_field": "pipeline.analysis",
-    "convolutionalize": "pipeline.convolutionalize",
+    "convolutionalize": "pipeline.fully_convolutional",
     "predict_tiled": "pipeline.inference",
     "PipelineError": "pipeline.errors",
 }

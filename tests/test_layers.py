@@ -20,3 +20,12 @@ def test_import_pipeline_does_not_load_heavy_packages() -> None:
     code = "import sys, pipeline, pipeline.cli; print(sorted(m for m in ('torch', 'dask', 'rasterio', 'zarr') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_public_api_names_are_the_functions() -> None:
+    import pipeline
+    import pipeline.demo  # noqa: F401  (imports the module behind convolutionalize)
+
+    for name in ("receptive_field", "convolutionalize", "predict_tiled"):
+        assert callable(getattr(pipeline, name)) and getattr(pipeline, name).__name__ == name
+    assert pipeline.ReceptiveField.__name__ == "ReceptiveField"
