@@ -163,9 +163,34 @@ def _summary(report) -> str:  # type: ignore[no-untyped-def]
     for s in report.scenes:
         size = f"{s.shape[0]}x{s.shape[1]}" if s.shape else "-"
         outputs = ", ".join(Path(p).name for p in s.outputs.values()) or "-"
+        status = "skipped" if s.skipped else s.status
         lines.append(f"{s.stem:<24} {size:>13} {s.tiles:>6} {s.seconds:>8.1f} "
-                     f"{s.megapixels_per_second:>7.2f}  {s.status:<7} {outputs}")
+                     f"{s.megapixels_per_second:>7.2f}  {status:<7} {outputs}")
+    if any(s.skipped for s in report.scenes):
+        lines.append("skipped: already published with the same input, model and settings")
     return "\n".join(lines)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def status(directory: Path) -> None:
+    """Per-scene status of the run that writes or wrote DIRECTORY (from its manifest)."""
+    from pipeline.journal import SceneRecord, read_manifest
+
+    try:
+        manifest = read_manifest(directory)
+    except ConfigError as exc:
+        _fail_usage(exc)
+    header = (f"{'scene':<24} {'status':<8} {'tiles':>11} {'attempts':>8} {'seconds':>8}  error")
+    lines = [header, "-" * len(header)]
+    for scene in manifest["scenes"]:
+        done = scene["tiles_done"]
+        if scene["status"] == "running":  # live (or killed) run: count the tile records
+            done = len(SceneRecord(directory.absolute(), scene["stem"]).tiles_done())
+        error = (scene["error"] or "").splitlines()[0] if scene["error"] else ""
+        lines.append(f"{scene['stem']:<24} {scene['status']:<8} {done:>5}/{scene['tiles']:<5} "
+                     f"{scene['attempts']:>8} {scene['seconds']:>8.1f}  {error}")
+    click.echo("\n".join(lines))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,6 +14,7 @@ from dask.base import tokenize
 from distributed import Client, Future
 
 from pipeline.cluster import GPU_RESOURCE
+from pipeline.journal import SceneRecord
 from pipeline.plan import ScenePlan
 from pipeline.tasks import ModelRef, SceneTarget, predict_tiles, publish_scene
 
@@ -37,13 +38,14 @@ def scene_token(plan: ScenePlan, model: ModelRef, batch_size: int, probabilities
     )
 
 
-def submit_scene(client: Client, plan: ScenePlan, model: ModelRef, *, batch_size: int,
-                 probabilities: bool, gpu: bool) -> SceneFutures:
-    """Submit a scene's tile tasks and its publish task."""
+def submit_scene(client: Client, plan: ScenePlan, model: ModelRef, record: SceneRecord, *,
+                 batch_size: int, probabilities: bool, gpu: bool,
+                 skip: frozenset[tuple[int, int]] = frozenset()) -> SceneFutures:
+    """Submit a scene's tile tasks (except the ``skip`` tiles, already written) and its publication."""
     token = scene_token(plan, model, batch_size, probabilities)
-    target = SceneTarget(plan.info.path, str(plan.outputs.store), probabilities)
+    target = SceneTarget(plan.info.path, str(record.store), str(record.tiles), probabilities)
     resources = {GPU_RESOURCE: 1} if gpu else None
-    batches = plan.batches(batch_size)
+    batches = plan.batches(batch_size, skip)
     tiles = tuple(
         client.submit(
             predict_tiles, model, target, batch,
@@ -54,7 +56,8 @@ def submit_scene(client: Client, plan: ScenePlan, model: ModelRef, *, batch_size
         for k, batch in enumerate(batches)
     )
     publish = client.submit(
-        publish_scene, str(plan.outputs.store), str(plan.outputs.cog), *tiles,
+        publish_scene, str(record.store), str(plan.outputs.cog), str(plan.outputs.store),
+        str(record.work), *tiles,
         key=f"publish-{plan.outputs.stem}-{token}",
         pure=False,
     )

@@ -54,8 +54,9 @@ class ScenePlan:
     grid: TileGrid
     outputs: Outputs
 
-    def batches(self, size: int) -> list[tuple[Tile, ...]]:
-        """Tiles in row-major runs of ``size``; runs never cross a row of tiles.
+    def batches(self, size: int,
+                skip: frozenset[tuple[int, int]] = frozenset()) -> list[tuple[Tile, ...]]:
+        """Tiles in row-major runs of ``size``, leaving out ``skip``; runs never cross a row.
 
         Tiles in one run mostly share their window shape, so they go through
         the network as one batch.
@@ -63,8 +64,8 @@ class ScenePlan:
         rows, cols = self.grid.grid_shape
         out = []
         for i in range(rows):
-            row = [self.grid.tile(i, j) for j in range(cols)]
-            out.extend(tuple(row[k:k + size]) for k in range(0, cols, size))
+            row = [self.grid.tile(i, j) for j in range(cols) if (i, j) not in skip]
+            out.extend(tuple(row[k:k + size]) for k in range(0, len(row), size))
         return out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import platform
 import time
@@ -24,6 +23,14 @@ from pipeline.errors import ConfigError, ModelError, PipelineError
 from pipeline.graph import SceneFutures, submit_scene
 from pipeline.grid import TileGrid
 from pipeline.inference import activation_bytes, output_shape, weight_bytes
+from pipeline.journal import (
+    FINGERPRINT_ATTR,
+    SceneRecord,
+    clean_leftovers,
+    fingerprint,
+    locked,
+    write_manifest,
+)
 from pipeline.model import build_model
 from pipeline.modelspec import ModelSpec, load_spec, verify_weights
 from pipeline.plan import MemoryEstimate, ScenePlan, check_unique, describe, outputs_for
@@ -49,6 +56,8 @@ class SceneResult:
     seconds: float = 0.0
     status: str = "pending"
     error: str | None = None
+    attempts: int = 0
+    skipped: bool = False
     outputs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -161,22 +170,76 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def write_manifest(path: Path, payload: dict[str, Any]) -> None:
-    """Write the manifest atomically (a temporary file renamed into place)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
+def _fingerprint_values(plan: ScenePlan, model: _Model, config: RunConfig,
+                        device: str) -> dict[str, Any]:
+    info = plan.info
+    return {
+        "scene": info.path, "size_bytes": info.size_bytes, "mtime_ns": info.mtime_ns,
+        "shape": list(info.shape), "model_sha256": model.sha256, "model_name": model.spec.name,
+        "bands": list(model.spec.bands), "tile_shape": list(plan.grid.tile_shape),
+        "halo": asdict(plan.grid.halo), "probabilities": config.probabilities, "device": device,
+    }
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What is left to do for one scene."""
+
+    record: SceneRecord
+    digest: str
+    skip: frozenset[tuple[int, int]]
+
+
+def _prepare_work(plans: dict[int, ScenePlan], results: list[SceneResult], model: _Model,
+                  config: RunConfig, device: str, out_dir: Path) -> dict[int, _Work]:
+    """Decide per scene: already published, resume, or start; refuse changed settings."""
+    work: dict[int, _Work] = {}
+    conflicts = []
+    for k, plan in plans.items():
+        record = SceneRecord(out_dir, plan.outputs.stem)
+        values = _fingerprint_values(plan, model, config, device)
+        digest = fingerprint(values)
+        published, started = record.published_fingerprint(), record.work_fingerprint()
+        if published == digest and started is None:
+            results[k].status, results[k].skipped = "done", True
+            results[k].tiles_done = results[k].tiles
+            results[k].outputs = {"zarr": str(plan.outputs.store), "cog": str(plan.outputs.cog)}
+            continue
+        stale = [f for f in (published, started) if f is not None and f != digest]
+        if stale and not config.overwrite:
+            conflicts.append(plan.outputs.stem)
+            continue
+        if stale:
+            record.discard_published()
+        if started == digest and (record.store / "zarr.json").is_file():
+            skip = frozenset(record.tiles_done())
+        else:
+            record.start(digest, values)
+            create_label_store(record.store, _store_spec(plan, model, config, digest))
+            skip = frozenset()
+        work[k] = _Work(record, digest, skip)
+    if conflicts:
+        raise ConfigError(
+            f"{out_dir} holds outputs or unfinished work of {', '.join(conflicts)} made with "
+            "another input, model or settings; pass --overwrite to replace them, or choose "
+            "another --out"
+        )
+    return work
+
+
 def run(config: RunConfig, *, dry_run: bool = False,
         on_progress: Callable[[Progress], None] | None = None,
         on_dashboard: Callable[[str], None] | None = None) -> RunReport:
-    """Label every scene of ``config``; never raises for a bad scene, only for bad settings."""
+    """Label every scene of ``config``; never raises for a bad scene, only for bad settings.
+
+    Scenes already published with the same fingerprint are skipped, unfinished
+    ones resume from their recorded tiles.
+    """
     if not config.output:
         raise ConfigError("no output directory: pass --out DIR or set output in a workflow")
     started = time.time()
@@ -205,29 +268,51 @@ def run(config: RunConfig, *, dry_run: bool = False,
         return RunReport(results, None, plan_text)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_ref = ModelRef(str(model.spec.path), model.sha256, device, config.threads_per_worker)
-    cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker,
-                          gpu=device == "cuda")
-    dashboard = None
-    with connect(cluster) as client:
-        dashboard = client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
-        if dashboard and on_dashboard:
-            on_dashboard(dashboard)
-        submitted: dict[int, SceneFutures] = {}
-        for k, plan in plans.items():
-            create_label_store(plan.outputs.store, _store_spec(plan, model, config, device))
-            submitted[k] = submit_scene(client, plan, model_ref, batch_size=config.batch_size,
-                                        probabilities=config.probabilities, gpu=device == "cuda")
-        _track(submitted, results, time.time(), on_progress)
-    for result in results:
-        if result.status == "done":
-            plan = next(p for p in plans.values() if p.outputs.stem == result.stem)
-            result.outputs = {"zarr": str(plan.outputs.store), "cog": str(plan.outputs.cog)}
     manifest = out_dir / MANIFEST
-    write_manifest(manifest, {
+
+    def save() -> None:
+        write_manifest(manifest, _manifest(config, model, device, started, results))
+
+    with locked(out_dir):
+        clean_leftovers(out_dir)
+        work = _prepare_work(plans, results, model, config, device, out_dir)
+        for k, item in work.items():
+            results[k].attempts = item.record.add_attempt()
+            results[k].tiles_done = len(item.skip)
+            results[k].status = "running"
+        save()
+        dashboard = None
+        if work:
+            model_ref = ModelRef(str(model.spec.path), model.sha256, device,
+                                 config.threads_per_worker)
+            cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker,
+                                  gpu=device == "cuda")
+            with connect(cluster) as client:
+                services = client.scheduler_info().get("services", {})
+                dashboard = client.dashboard_link if "dashboard" in services else None
+                if dashboard and on_dashboard:
+                    on_dashboard(dashboard)
+                submitted = {
+                    k: submit_scene(client, plans[k], model_ref, item.record,
+                                    batch_size=config.batch_size,
+                                    probabilities=config.probabilities,
+                                    gpu=device == "cuda", skip=item.skip)
+                    for k, item in work.items()
+                }
+                _track(submitted, results, time.time(), on_progress, save)
+        for k, plan in plans.items():
+            if results[k].status == "done":
+                results[k].outputs = {"zarr": str(plan.outputs.store), "cog": str(plan.outputs.cog)}
+        save()
+    return RunReport(results, manifest, plan_text, dashboard)
+
+
+def _manifest(config: RunConfig, model: _Model, device: str, started: float,
+              results: list[SceneResult]) -> dict[str, Any]:
+    return {
         "fcn_pipeline": __version__,
         "started": started,
-        "finished": time.time(),
+        "updated": time.time(),
         "config": config.to_tree(),
         "device": device,
         "model": {
@@ -236,11 +321,10 @@ def run(config: RunConfig, *, dry_run: bool = False,
         },
         "versions": _versions(),
         "scenes": [asdict(r) for r in results],
-    })
-    return RunReport(results, manifest, plan_text, dashboard)
+    }
 
 
-def _store_spec(plan: ScenePlan, model: _Model, config: RunConfig, device: str) -> LabelStoreSpec:
+def _store_spec(plan: ScenePlan, model: _Model, config: RunConfig, digest: str) -> LabelStoreSpec:
     info = plan.info
     return LabelStoreSpec(
         shape=info.shape,
@@ -257,12 +341,14 @@ def _store_spec(plan: ScenePlan, model: _Model, config: RunConfig, device: str) 
             "model_sha256": model.sha256,
             "tile_size": config.tile_size,
             "halo": asdict(plan.grid.halo),
+            FINGERPRINT_ATTR: digest,
         },
     )
 
 
 def _track(submitted: dict[int, SceneFutures], results: list[SceneResult], started: float,
-           on_progress: Callable[[Progress], None] | None) -> None:
+           on_progress: Callable[[Progress], None] | None,
+           on_scene: Callable[[], None]) -> None:
     """Follow every future to its end, updating results and reporting progress."""
     owner: dict[str, tuple[int, int | None]] = {}
     futures = []
@@ -274,7 +360,8 @@ def _track(submitted: dict[int, SceneFutures], results: list[SceneResult], start
         futures.append(scene.publish)
         results[k].status = "running"
     total = sum(len(s.plan.grid) for s in submitted.values())
-    done_tiles = done_pixels = 0
+    done_tiles = sum(results[k].tiles_done for k in submitted)
+    done_pixels = 0
     scene_start = {k: started for k in submitted}
     for future in as_completed(futures):
         k, batch = owner[future.key]
@@ -283,12 +370,14 @@ def _track(submitted: dict[int, SceneFutures], results: list[SceneResult], start
             if result.status != "failed":
                 result.status = "failed"
                 result.error = _one_line(future.exception())
+                on_scene()
             continue
         if batch is None:
             stats = future.result()
-            result.inferred = stats.inferred
+            result.inferred += stats.inferred
             result.seconds = time.time() - scene_start[k]
             result.status = "done"
+            on_scene()
             continue
         stats = future.result()
         result.tiles_done += stats.tiles

@@ -8,6 +8,7 @@ each window's output to its core tile and writes that tile's Zarr chunk.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.grid import Tile
+from pipeline.journal import publish_store, record_tile
 from pipeline.model import cached_model
 from pipeline.modelspec import ModelSpec, normalize
 from pipeline.readers import read_window
@@ -38,6 +40,7 @@ class SceneTarget:
 
     scene: str
     store: str
+    tiles_dir: str
     probabilities: bool
 
 
@@ -109,12 +112,22 @@ def _write(target: SceneTarget, tile: Tile, labels: np.ndarray, probs: np.ndarra
     if target.probabilities and probs is None:
         probs = np.full((len(spec.classes), *tile.core.shape), np.nan, dtype=np.float16)
     write_labels(target.store, tile.core, labels, probs)
+    record_tile(target.tiles_dir, tile.index)
 
 
-def publish_scene(store: str, cog: str, *batches: BatchStats) -> BatchStats:
-    """Make the scene's COG from its finished Zarr store; sum its tile stats."""
+def publish_scene(store: str, cog: str, published_store: str, work_dir: str,
+                  *batches: BatchStats) -> BatchStats:
+    """Publish a scene whose tiles are all written; sum its tile stats.
+
+    The COG is made from the work store (under a temporary name, renamed
+    into place), then the store itself is moved into place and the work
+    folder removed. A kill in between leaves the work to redo on the next
+    run, never a published store that is incomplete.
+    """
     start = time.perf_counter()
     write_cog(store, cog)
+    publish_store(store, published_store)
+    shutil.rmtree(work_dir, ignore_errors=True)
     return BatchStats(
         tiles=sum(b.tiles for b in batches),
         inferred=sum(b.inferred for b in batches),

@@ -14,6 +14,7 @@ from distributed import Client, LocalCluster, wait
 from pipeline.analysis import receptive_field
 from pipeline.graph import scene_token, submit_scene
 from pipeline.grid import TileGrid
+from pipeline.journal import SceneRecord
 from pipeline.model import save_weights
 from pipeline.models import unet_small
 from pipeline.modelspec import load_spec
@@ -54,14 +55,17 @@ def test_gpu_runs_ask_for_the_gpu_resource_and_keys_are_deterministic(tmp_path, 
     scene = write_sample_scenes(tmp_path / "s", size=96, count=1)[0].scene
     plan = _plan(scene, spec_path, tmp_path / "o", 32)
     spec = load_spec(spec_path)
-    create_label_store(plan.outputs.store, LabelStoreSpec(
+    record = SceneRecord(tmp_path / "o", plan.outputs.stem)
+    record.start("test", {})
+    create_label_store(record.store, LabelStoreSpec(
         shape=plan.info.shape, chunks=plan.grid.tile_shape, crs=plan.info.crs,
         transform=plan.info.transform, classes=spec.classes, nodata=255))
     # The device stays on the CPU here; only the resource request is under test.
     model = ModelRef(str(spec_path), digest, "cpu")
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                       resources={"GPU": 1}, dashboard_address=None) as cluster, Client(cluster) as client:
-        futures = submit_scene(client, plan, model, batch_size=2, probabilities=False, gpu=True)
+        futures = submit_scene(client, plan, model, record, batch_size=2, probabilities=False,
+                               gpu=True)
         wait([*futures.tiles, futures.publish])
         restrictions = client.run_on_scheduler(
             lambda dask_scheduler: {k: ts.resource_restrictions for k, ts in dask_scheduler.tasks.items()}
@@ -78,3 +82,4 @@ def test_gpu_runs_ask_for_the_gpu_resource_and_keys_are_deterministic(tmp_path, 
     labels = zarr.open_group(str(plan.outputs.store), mode="r")["labels"][:]
     assert labels.shape == (96, 96) and set(np.unique(labels)) <= {0, 1, 2, 3, 255}
     assert plan.outputs.cog.is_file()
+    assert not record.work.exists()  # published: the work folder is gone
