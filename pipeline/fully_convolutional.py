@@ -144,6 +144,7 @@ def convolutionalize(classifier: nn.Module, input_size: int | tuple[int, int]) -
     flatten.replace_all_uses_with(source)
     gm.graph.erase_node(flatten)
     gm.graph.lint()
+    gm.delete_all_unused_submodules()
     gm.recompile()
     return gm.train(classifier.training)
 
