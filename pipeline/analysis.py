@@ -344,7 +344,7 @@ class _Analyzer:
             k = _arg(node, 1, "kernel_size")
             return self.step(node, _conv_like(k, _arg(node, 2, "stride") or k,
                                               _arg(node, 3, "padding", 0), _arg(node, 4, "dilation", 1)))
-        if target in (F.avg_pool2d, torch.avg_pool2d):
+        if target is F.avg_pool2d:
             k = _arg(node, 1, "kernel_size")
             return self.step(node, _conv_like(k, _arg(node, 2, "stride") or k, _arg(node, 3, "padding", 0)))
         if target in (torch.softmax, F.softmax, F.log_softmax, torch.log_softmax, torch.argmax):
