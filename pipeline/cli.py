@@ -157,6 +157,63 @@ def bench(sizes: str, tile_size: int | None, workers: int | None, model: str,
     sys.exit(1 if any(f.exit_code for f in figures) else 0)
 
 
+@main.group()
+def demo() -> None:
+    """The bundled demo model: re-train it, measure its accuracy and speed."""
+
+
+@demo.command("train")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for demo.safetensors and demo.yaml (the packaged ones: pipeline/data).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=1500, show_default=True)
+@click.option("--threads", default=2, show_default=True, help="torch threads (results depend on it).")
+def demo_train(out: Path, seed: int, steps: int, threads: int) -> None:
+    """Train the demo patch classifier on generated scenes and write the FCN's weights and spec."""
+    from pipeline.demo import train_demo
+
+    out.mkdir(parents=True, exist_ok=True)
+    result = train_demo(out, seed=seed, steps=steps, threads=threads,
+                        log=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {result['weights']} (sha256 {result['sha256']}) and {result['spec']} "
+               f"in {result['seconds']:.0f} s")
+
+
+@demo.command("evaluate")
+@click.option("--model", default="demo", show_default=True, help="Spec of a demo-architecture model.")
+@click.option("--size", default=1024, show_default=True, help="Pixels per side of each scene.")
+@click.option("--seeds", default="9000,9001,9002,9003", show_default=True,
+              help="Held-out scene seeds (training uses 1000 and up).")
+def demo_evaluate(model: str, size: int, seeds: str) -> None:
+    """Pixel accuracy and IoU of the demo model on held-out generated scenes."""
+    from pipeline.demo import evaluate_demo
+    from pipeline.model import build_model
+    from pipeline.modelspec import load_spec
+
+    try:
+        spec = load_spec(model)
+        fcn = build_model(spec)
+        values = [int(s) for s in seeds.split(",") if s.strip()]
+    except (ValueError, PipelineError) as exc:
+        _fail_usage(exc)
+    result = evaluate_demo(fcn, spec.normalization, seeds=values, size=size)
+    click.echo(f"pixel accuracy {result['pixel_accuracy']:.4f}, mean IoU {result['mean_iou']:.4f} "
+               f"({len(values)} scenes of {size}x{size})")
+    for name, value in result["iou"].items():
+        click.echo(f"  IoU {name:<12} {value:.4f}")
+
+
+@demo.command("speed")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--repeats", default=10, show_default=True)
+def demo_speed(threads: int, repeats: int) -> None:
+    """Raw forward speed of the demo FCN (in-memory tensors, no I/O), Mpx/s per input size."""
+    from pipeline.demo import benchmark_demo
+
+    for size, speed in benchmark_demo(threads=threads, repeats=repeats).items():
+        click.echo(f"{size} x {size}: {speed:.1f} Mpx/s ({threads} threads)")
+
+
 def _summary(report) -> str:  # type: ignore[no-untyped-def]
     header = f"{'scene':<24} {'size':>13} {'tiles':>6} {'seconds':>8} {'Mpx/s':>7}  {'status':<7} outputs"
     lines = [header, "-" * len(header)]
