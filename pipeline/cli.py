@@ -95,34 +95,54 @@ def _progress_printer(stream=sys.stderr):  # type: ignore[no-untyped-def]
 @click.argument("scenes", nargs=-1)
 @click.option("--out", "output", type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--model", help="Model spec file, or `demo` (the default).")
+@click.option("--workflow", type=click.Path(dir_okay=False),
+              help="Workflow file (settings: file < FCN_PIPELINE_* environment < options).")
+@click.option("--date", help="Run date for {date} in the workflow, YYYY-MM-DD (default: today, UTC).")
 @click.option("--tile-size", type=int, help="Core tile size in pixels (default 1024).")
 @click.option("--batch-size", type=int, help="Tiles per task and per forward pass (default 1).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default auto.")
 @click.option("--scheduler", help="Dask scheduler address (else DASK_SCHEDULER_ADDRESS, else an embedded cluster).")
+@click.option("--cluster", type=click.Choice(["kubernetes"]),
+              help="Create an ephemeral Dask cluster for this run (needs fcn-pipeline[kubernetes]).")
+@click.option("--cluster-spec", type=click.Path(dir_okay=False),
+              help="DaskCluster YAML for --cluster kubernetes.")
 @click.option("--workers", type=int, help="Workers of the embedded cluster (default: one per core).")
 @click.option("--threads-per-worker", type=int, help="Threads per worker, also torch's (default 1).")
 @click.option("--probabilities/--no-probabilities", default=None, help="Also store per-class float16 scores.")
 @click.option("--allow-no-crs", is_flag=True, default=None, help="Process scenes without a CRS.")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Replace outputs made with another input, model or settings.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tiles, halo, overhead, memory); compute nothing.")
-def run(scenes: tuple[str, ...], output: str | None, model: str | None, tile_size: int | None,
-        batch_size: int | None, device: str | None, scheduler: str | None, workers: int | None,
-        threads_per_worker: int | None, probabilities: bool | None, allow_no_crs: bool | None,
-        dry_run: bool) -> None:
+def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow: str | None,
+        date: str | None, tile_size: int | None, batch_size: int | None, device: str | None,
+        scheduler: str | None, cluster: str | None, cluster_spec: str | None,
+        workers: int | None, threads_per_worker: int | None, probabilities: bool | None,
+        allow_no_crs: bool | None, overwrite: bool | None, dry_run: bool) -> None:
     """Label SCENES (GeoTIFF paths or glob patterns) into Zarr stores and COGs in --out."""
+    from contextlib import ExitStack
+
     from pipeline.config import resolve, values_from_env
     from pipeline.run import run as run_scenes
+    from pipeline.workflow import load_workflow
 
     try:
-        config = resolve(values_from_env(), {
+        if date is not None and workflow is None:
+            raise ConfigError("--date fills {date} in a workflow file: pass --workflow FILE too")
+        if (cluster is None) != (cluster_spec is None):
+            raise ConfigError("--cluster kubernetes and --cluster-spec FILE go together")
+        config = resolve(load_workflow(workflow, date=date) if workflow else {}, values_from_env(), {
             "scenes": tuple(scenes) or None, "output": output, "model": model,
             "tile_size": tile_size, "batch_size": batch_size, "device": device,
             "scheduler": scheduler, "workers": workers, "threads_per_worker": threads_per_worker,
-            "probabilities": probabilities, "allow_no_crs": allow_no_crs,
+            "probabilities": probabilities, "allow_no_crs": allow_no_crs, "overwrite": overwrite,
         })
-        report = run_scenes(
-            config, dry_run=dry_run, on_progress=_progress_printer(),
-            on_dashboard=lambda link: click.echo(f"Dask dashboard: {link}", err=True),
-        )
+        with ExitStack() as stack:
+            if cluster == "kubernetes":
+                config = _kubernetes(stack, config, cluster_spec, dry_run)  # type: ignore[arg-type]
+            report = run_scenes(
+                config, dry_run=dry_run, on_progress=_progress_printer(),
+                on_dashboard=lambda link: click.echo(f"Dask dashboard: {link}", err=True),
+            )
     except (ConfigError, ModelError) as exc:
         _fail_usage(exc)
     click.echo(report.plan_text if dry_run else _summary(report))
@@ -132,6 +152,36 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, tile_siz
     for scene in failed:
         click.echo(f"error: {Path(scene.scene).name}: {scene.error}", err=True)
     sys.exit(1 if failed else 0)
+
+
+def _kubernetes(stack, config, cluster_spec: str, dry_run: bool):  # type: ignore[no-untyped-def]
+    """Start an ephemeral DaskCluster (shut down with ``stack``); point the run at it."""
+    from pipeline.kube import kube_cluster, load_cluster_spec
+
+    if config.scheduler:
+        raise ConfigError("--cluster kubernetes starts its own scheduler: drop --scheduler "
+                          "(or compute.scheduler)")
+    spec = load_cluster_spec(cluster_spec, gpu=True if config.device == "cuda" else None)
+    if dry_run:
+        return config
+    kube = stack.enter_context(kube_cluster(spec))
+    return config.with_overrides(scheduler=kube.scheduler_address)
+
+
+@main.command()
+@click.argument("workflow", type=click.Path(dir_okay=False))
+@click.option("--date", help="Run date for {date}, YYYY-MM-DD (default: today in UTC).")
+def validate(workflow: str, date: str | None) -> None:
+    """Check a WORKFLOW file; print the configuration it gives, defaults filled in."""
+    import yaml
+
+    from pipeline.workflow import validate_workflow
+
+    try:
+        config = validate_workflow(workflow, date=date)
+    except ConfigError as exc:
+        _fail_usage(exc)
+    click.echo(yaml.safe_dump(config.to_tree(), sort_keys=False), nl=False)
 
 
 @main.command()

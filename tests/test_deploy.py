@@ -1,0 +1,555 @@
+"""deploy/: the manifests render, validate strictly offline (Kubernetes schemas, the operator's
+CRD schemas), meet the "restricted" Pod Security Standard, and agree with workflows/, the
+Makefile and each other."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from referencing import Registry, Resource
+
+from pipeline.kube import check_cluster_spec
+from pipeline.workflow import validate_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+KUSTOMIZATIONS = ["deploy/base", "deploy/overlays/example"]
+#: The Kubernetes version the manifests are validated against (kubernetes-validate's schemas).
+K8S_VERSION = "1.32.0"
+RUN_AS_USER = 10001
+DASK_GROUP = "kubernetes.dask.org"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@functools.cache
+def render(kustomization: str) -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: cannot render the kustomizations (kubectl kustomize)")
+    done = subprocess.run([kubectl, "kustomize", str(ROOT / kustomization)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"kubectl kustomize {kustomization} failed:\n{done.stderr}"
+    docs = tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+    assert docs, f"{kustomization} renders nothing"
+    return docs
+
+
+def all_docs() -> Iterator[tuple[str, dict[str, Any]]]:
+    for kustomization in KUSTOMIZATIONS:
+        for doc in render(kustomization):
+            yield kustomization, doc
+
+
+def of_kind(kustomization: str, kind: str) -> list[dict[str, Any]]:
+    return [d for d in render(kustomization) if d["kind"] == kind]
+
+
+def ident(doc: dict[str, Any]) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def validate_kubernetes(doc: dict[str, Any]) -> None:
+    """Strict validation against Kubernetes' own schemas; a kind without one raises."""
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _strict_definitions() -> Resource:
+    folder = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
+    path = folder / f"v{K8S_VERSION}-local-strict" / "_definitions.json"
+    return Resource.from_contents(json.loads(path.read_text()))
+
+
+def _forbid_unknown_fields(schema: Any) -> Any:
+    """A CRD schema made strict like kubectl's field validation: unknown fields are errors."""
+    if isinstance(schema, dict):
+        schema = {k: _forbid_unknown_fields(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_forbid_unknown_fields(v) for v in schema]
+    return schema
+
+
+@functools.cache
+def operator_crds() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Kind -> (file, CRD) of the fully expanded CRDs shipped in the dask-kubernetes package.
+
+    They are the operator's Helm chart CRDs,
+    dask_kubernetes/operator/deployment/helm/dask-kubernetes-operator/crds/*.yaml
+    (the customresources/ sources hold python:// references, not schemas).
+    """
+    try:
+        package = importlib.resources.files("dask_kubernetes")
+    except ModuleNotFoundError:
+        pytest.fail("dask-kubernetes is not installed: it ships the DaskCluster CRD schema the "
+                    "manifests are validated against (pip install -e '.[test]')")
+    crds: dict[str, tuple[str, dict[str, Any]]] = {}
+    for path in sorted(Path(str(package)).rglob("crds/*.yaml")):
+        text = path.read_text()
+        if "CustomResourceDefinition" not in text or "python://" in text:
+            continue
+        doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        if doc.get("kind") == "CustomResourceDefinition" and doc["spec"]["group"] == DASK_GROUP:
+            crds[doc["spec"]["names"]["kind"]] = (str(path.relative_to(str(package))), doc)
+    assert "DaskCluster" in crds, f"no DaskCluster CRD found under {package}"
+    return crds
+
+
+def validate_custom(doc: dict[str, Any]) -> None:
+    """Strict validation of a custom resource against its CRD's openAPIV3Schema."""
+    group, _, version = doc["apiVersion"].partition("/")
+    if doc["kind"] not in operator_crds():
+        raise LookupError(f"no CRD schema for {doc['apiVersion']} {doc['kind']}")
+    _, crd = operator_crds()[doc["kind"]]
+    assert crd["spec"]["group"] == group
+    served = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served")}
+    if version not in served:
+        raise LookupError(f"the {doc['kind']} CRD serves {sorted(served)}, not {version}")
+    schema = _forbid_unknown_fields(served[version]["schema"]["openAPIV3Schema"])
+    assert "$ref" not in json.dumps(schema), "the CRD schema is not expanded"
+    schema["properties"] = {
+        **schema["properties"],
+        "apiVersion": {"const": doc["apiVersion"]},
+        "kind": {"const": doc["kind"]},
+        "metadata": {"$ref": "https://kubernetes.io/api/_definitions.json#/$defs/"
+                             "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"},
+    }
+    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata"})
+    registry = _strict_definitions() @ Registry()
+    jsonschema.Draft202012Validator(schema, registry=registry).validate(doc)
+
+
+def validate_any(doc: dict[str, Any]) -> None:
+    if doc["apiVersion"].split("/")[0] == DASK_GROUP:
+        validate_custom(doc)
+    else:
+        validate_kubernetes(doc)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_rendered_manifest_validates_strictly(kustomization: str) -> None:
+    for doc in render(kustomization):
+        validate_any(doc)  # raises on an unknown kind, a missing schema or a bad field
+
+
+def test_the_validators_fail_rather_than_skip() -> None:
+    with pytest.raises(kubernetes_validate.utils.SchemaNotFoundError):
+        validate_any({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}})
+    with pytest.raises(LookupError):
+        validate_any({"apiVersion": f"{DASK_GROUP}/v1", "kind": "DaskWidget", "metadata": {"name": "w"}})
+    with pytest.raises(LookupError):
+        validate_any({"apiVersion": f"{DASK_GROUP}/v2", "kind": "DaskCluster", "metadata": {"name": "w"}})
+    cronjob = json.loads(json.dumps(of_kind("deploy/base", "CronJob")[0]))
+    cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_any(cronjob)
+    cluster = json.loads(json.dumps(of_kind("deploy/base", "DaskCluster")[0]))
+    cluster["spec"]["worker"]["spec"]["containers"][0]["resorces"] = {}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_any(cluster)
+    cluster = json.loads(json.dumps(of_kind("deploy/base", "DaskCluster")[0]))
+    cluster["spec"]["worker"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = 1
+    with pytest.raises(jsonschema.ValidationError):  # the CRD types quantities as strings
+        validate_any(cluster)
+
+
+def test_the_daskcluster_pods_and_service_also_validate_as_kubernetes_objects() -> None:
+    for cluster in of_kind("deploy/overlays/example", "DaskCluster"):
+        for role in ("scheduler", "worker"):
+            validate_kubernetes({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": role},
+                                 "spec": cluster["spec"][role]["spec"]})
+        validate_kubernetes({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "scheduler"},
+                             "spec": cluster["spec"]["scheduler"]["service"]})
+
+
+# --------------------------------------------------------------------------- pods
+
+
+#: Kind -> paths to its pod specs. A kind holding containers that is not listed fails the tests.
+POD_SPECS: dict[str, list[tuple[str, ...]]] = {
+    "Pod": [("spec",)],
+    "Deployment": [("spec", "template", "spec")],
+    "StatefulSet": [("spec", "template", "spec")],
+    "DaemonSet": [("spec", "template", "spec")],
+    "ReplicaSet": [("spec", "template", "spec")],
+    "Job": [("spec", "template", "spec")],
+    "CronJob": [("spec", "jobTemplate", "spec", "template", "spec")],
+    "DaskCluster": [("spec", "scheduler", "spec"), ("spec", "worker", "spec")],
+    "DaskWorkerGroup": [("spec", "worker", "spec")],
+    "DaskJob": [("spec", "job", "spec"), ("spec", "cluster", "spec", "scheduler", "spec"),
+                ("spec", "cluster", "spec", "worker", "spec")],
+}
+
+
+def _has_containers(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "containers" in value or any(_has_containers(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_containers(v) for v in value)
+    return False
+
+
+def pod_specs(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    if doc["kind"] not in POD_SPECS:
+        assert not _has_containers(doc), f"{ident(doc)} holds containers but its pod specs are unknown"
+        return []
+    found = []
+    for path in POD_SPECS[doc["kind"]]:
+        node: Any = doc
+        for key in path:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if node:
+            found.append((f"{ident(doc)} {'.'.join(path)}", node))
+    return found
+
+
+def all_pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{k}: {where}", spec) for k, doc in all_docs() for where, spec in pod_specs(doc)]
+
+
+_SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
+                 "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+                 "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                 "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+                 "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                       "persistentVolumeClaim", "projected", "secret"}
+_SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What breaks the "restricted" Pod Security Standard (Kubernetes v1.32), control by control."""
+    bad: list[str] = []
+    pod_ctx = pod.get("securityContext") or {}
+    containers = [(f"{kind}[{c.get('name')}]", c)
+                  for kind in ("initContainers", "containers", "ephemeralContainers")
+                  for c in pod.get(kind) or []]
+    if not containers:
+        bad.append("no containers")
+    # Baseline: host namespaces, host ports, hostPath, privileged, capabilities, ...
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            bad.append(f"{field} is true")
+    if (pod_ctx.get("windowsOptions") or {}).get("hostProcess"):
+        bad.append("pod windowsOptions.hostProcess")
+    for sysctl in pod_ctx.get("sysctls") or []:
+        if sysctl.get("name") not in _SAFE_SYSCTLS:
+            bad.append(f"unsafe sysctl {sysctl.get('name')}")
+    for volume in pod.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= _RESTRICTED_VOLUMES:
+            bad.append(f"volume {volume.get('name')} of type {sorted(kinds - _RESTRICTED_VOLUMES)}")
+    for scope, ctx in [("pod", pod_ctx)] + [(n, c.get("securityContext") or {}) for n, c in containers]:
+        if (ctx.get("appArmorProfile") or {}).get("type") == "Unconfined":
+            bad.append(f"{scope}: AppArmor Unconfined")
+        selinux = ctx.get("seLinuxOptions") or {}
+        if selinux.get("type", "") not in _SELINUX_TYPES or selinux.get("user") or selinux.get("role"):
+            bad.append(f"{scope}: seLinuxOptions {selinux}")
+        if ctx.get("runAsUser") == 0:
+            bad.append(f"{scope}: runAsUser 0")
+        if ctx.get("runAsNonRoot") is False:
+            bad.append(f"{scope}: runAsNonRoot false")
+        if (ctx.get("seccompProfile") or {}).get("type") == "Unconfined":
+            bad.append(f"{scope}: seccompProfile Unconfined")
+    for name, container in containers:
+        ctx = container.get("securityContext") or {}
+        if ctx.get("privileged"):
+            bad.append(f"{name}: privileged")
+        if (ctx.get("windowsOptions") or {}).get("hostProcess"):
+            bad.append(f"{name}: windowsOptions.hostProcess")
+        if ctx.get("procMount", "Default") != "Default":
+            bad.append(f"{name}: procMount {ctx.get('procMount')}")
+        for port in container.get("ports") or []:
+            if port.get("hostPort"):
+                bad.append(f"{name}: hostPort {port['hostPort']}")
+        # Restricted
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation is not false")
+        caps = ctx.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            bad.append(f"{name}: capabilities.drop lacks ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{name}: capabilities.add {caps['add']}")
+        if not (ctx.get("runAsNonRoot") is True or
+                (pod_ctx.get("runAsNonRoot") is True and ctx.get("runAsNonRoot") is not False)):
+            bad.append(f"{name}: runAsNonRoot is not true")
+        seccomp = (ctx.get("seccompProfile") or pod_ctx.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: seccompProfile is {seccomp}, not RuntimeDefault or Localhost")
+    return bad
+
+
+def test_every_workload_kind_is_covered() -> None:
+    kinds = {doc["kind"] for _, doc in all_docs()}
+    assert {"CronJob", "DaskCluster"} <= kinds
+    wheres = [w for w, _ in all_pod_specs()]
+    for part in ("CronJob/fcn-pipeline-nightly", "spec.scheduler.spec", "spec.worker.spec"):
+        assert any(part in w for w in wheres), part
+
+
+def test_every_pod_meets_the_restricted_standard() -> None:
+    problems = [f"{where}: {p}" for where, pod in all_pod_specs() for p in restricted_violations(pod)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(("edit", "found"), [
+    (lambda p: p.update(hostNetwork=True), "hostNetwork"),
+    (lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
+    (lambda p: p["securityContext"].pop("seccompProfile"), "seccompProfile is None"),
+    (lambda p: p["securityContext"].update(runAsUser=0), "runAsUser 0"),
+    (lambda p: p["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True), "allowPrivilegeEscalation"),
+    (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]), "drop lacks ALL"),
+    (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]), "capabilities.add"),
+    (lambda p: (p["securityContext"].pop("runAsNonRoot"), p["containers"][0]["securityContext"].pop("runAsNonRoot")),
+     "runAsNonRoot is not true"),
+    (lambda p: p["containers"][0]["securityContext"].update(privileged=True), "privileged"),
+    (lambda p: p["containers"][0].setdefault("ports", []).append({"containerPort": 80, "hostPort": 80}), "hostPort"),
+])
+def test_the_restricted_checks_catch_violations(edit: Any, found: str) -> None:
+    pod = json.loads(json.dumps(of_kind("deploy/base", "CronJob")[0]))
+    pod = pod["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    edit(pod)
+    assert any(found in p for p in restricted_violations(pod)), restricted_violations(pod)
+
+
+def test_pods_have_a_read_only_root_and_writable_tmp_and_no_token() -> None:
+    for where, pod in all_pod_specs():
+        assert pod.get("automountServiceAccountToken") is False, where
+        assert pod["securityContext"]["runAsUser"] == RUN_AS_USER, where
+        empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True, where
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            assert mounts.get("/tmp") in empty_dirs, f"{where}: /tmp is not an emptyDir"
+            assert container["resources"]["limits"]["memory"], where
+
+
+def test_references_resolve_and_secrets_are_only_referenced() -> None:
+    for kustomization in KUSTOMIZATIONS:
+        docs = render(kustomization)
+        names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        assert not any(d["kind"] == "Secret" for d in docs), "secrets are referenced, never shipped"
+        for where, pod in [p for d in docs for p in pod_specs(d)]:
+            assert ("ServiceAccount", pod["serviceAccountName"]) in names, where
+            for volume in pod.get("volumes", []):
+                if "persistentVolumeClaim" in volume:
+                    assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+                if "configMap" in volume:
+                    assert ("ConfigMap", volume["configMap"]["name"]) in names, where
+            for container in pod["containers"]:
+                for source in container.get("envFrom", []):
+                    assert "secretRef" not in source or source["secretRef"]["optional"] is True, where
+                for env in container.get("env", []):
+                    assert "value" not in env or not re.search(r"(?i)secret|password|token|key", env["name"])
+
+
+# --------------------------------------------------------------------------- services, RBAC
+
+
+def test_services_are_cluster_ip_only() -> None:
+    seen = 0
+    for where, doc in all_docs():
+        services = [doc["spec"]] if doc["kind"] == "Service" else []
+        if doc["kind"] == "DaskCluster":
+            services.append(doc["spec"]["scheduler"]["service"])
+        for service in services:
+            seen += 1
+            assert service.get("type", "ClusterIP") == "ClusterIP", f"{where}: {ident(doc)}"
+            assert not any("nodePort" in p for p in service.get("ports", []))
+    assert seen
+
+
+def test_the_runner_has_no_kubernetes_api_rights() -> None:
+    for where, doc in all_docs():
+        assert doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"), f"{where}: {ident(doc)}"
+        assert doc["kind"] not in ("Role", "RoleBinding"), (
+            f"{where}: {ident(doc)}: the nightly runner talks to an existing scheduler and "
+            "needs no rights; see deploy/README.md before adding any")
+        if doc["kind"] == "ServiceAccount":
+            assert doc.get("automountServiceAccountToken") is False, ident(doc)
+
+
+# --------------------------------------------------------------------------- the Dask cluster
+
+
+def test_the_worker_group_has_one_gpu_per_worker_advertised_to_dask() -> None:
+    for kustomization in KUSTOMIZATIONS:
+        (cluster,) = of_kind(kustomization, "DaskCluster")
+        check_cluster_spec(cluster, source=kustomization, gpu=True)
+        (worker,) = cluster["spec"]["worker"]["spec"]["containers"]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        command = worker["command"] + worker["args"]
+        assert command[:2] == ["dask", "worker"]
+        assert " ".join(command).count("--nthreads 1") == 1
+        pod = cluster["spec"]["worker"]["spec"]
+        assert pod["nodeSelector"] and pod["tolerations"]
+        scheduler = cluster["spec"]["scheduler"]["spec"]["containers"][0]
+        assert scheduler["command"] == ["dask", "scheduler"]
+
+
+# --------------------------------------------------------------------------- the CronJob
+
+
+def _cronjob(kustomization: str) -> dict[str, Any]:
+    (cronjob,) = of_kind(kustomization, "CronJob")
+    return cronjob
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_the_cronjob_runs_once_at_a_time_within_deadlines(kustomization: str) -> None:
+    spec = _cronjob(kustomization)["spec"]
+    job = spec["jobTemplate"]["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert spec["startingDeadlineSeconds"] > 0
+    assert spec["timeZone"] == "Etc/UTC"  # {date} defaults to today in UTC
+    assert job["backoffLimit"] >= 0 and job["activeDeadlineSeconds"] > 0
+    assert job["ttlSecondsAfterFinished"] > 0
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    fail_fast = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+    assert fail_fast[0]["onExitCodes"]["values"] == [1, 2]
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_the_cronjob_runs_a_shipped_workflow_on_the_shipped_cluster(kustomization: str) -> None:
+    cronjob = _cronjob(kustomization)
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (runner,) = pod["containers"]
+    args = runner["args"]
+    assert args[0] == "run"
+    workflow = Path(args[args.index("--workflow") + 1])
+    # The file comes from the ConfigMap generated from workflows/, mounted at its folder.
+    mount = next(m for m in runner["volumeMounts"] if m["mountPath"] == str(workflow.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    (configmap,) = [d for d in of_kind(kustomization, "ConfigMap")
+                    if d["metadata"]["name"] == volume["configMap"]["name"]]
+    source = ROOT / "workflows" / workflow.name
+    assert source.is_file(), f"{workflow.name} is not in workflows/"
+    assert configmap["data"][workflow.name] == source.read_text()
+    config = validate_workflow(source, date="2024-06-30")
+    assert config.device == "cuda"
+    # The scheduler is the DaskCluster's service, in the same namespace.
+    (cluster,) = of_kind(kustomization, "DaskCluster")
+    address = args[args.index("--scheduler") + 1]
+    assert address == f"tcp://{cluster['metadata']['name']}-scheduler:8786"
+    assert cluster["metadata"].get("namespace") == cronjob["metadata"].get("namespace")
+    ports = {p["name"]: p["port"] for p in cluster["spec"]["scheduler"]["service"]["ports"]}
+    assert ports["tcp-comm"] == 8786
+    # Workflow paths are on the volumes both the runner and the workers mount.
+    worker_mounts = {m["mountPath"] for m in cluster["spec"]["worker"]["spec"]["containers"][0]["volumeMounts"]}
+    runner_mounts = {m["mountPath"] for m in runner["volumeMounts"]}
+    for path in (*config.scenes, config.output, config.model):
+        top = "/" + Path(path).parts[1]
+        assert top in worker_mounts and top in runner_mounts, path
+
+
+# --------------------------------------------------------------------------- the overlay
+
+
+def test_the_overlay_sets_namespace_image_and_gpu_nodes() -> None:
+    docs = render("deploy/overlays/example")
+    (namespace,) = [d for d in docs if d["kind"] == "Namespace"]
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == namespace["metadata"]["name"], ident(doc)
+    for where, pod in [p for d in docs for p in pod_specs(d)]:
+        for container in pod["containers"]:
+            assert container["image"] == "registry.example.com/geo/fcn-pipeline:0.1.0", where
+    (base,) = of_kind("deploy/base", "DaskCluster")
+    (cluster,) = of_kind("deploy/overlays/example", "DaskCluster")
+    assert cluster["spec"]["worker"]["spec"]["nodeSelector"] != base["spec"]["worker"]["spec"]["nodeSelector"]
+
+
+# --------------------------------------------------------------------------- the image
+
+
+def _makefile_vars() -> dict[str, str]:
+    text = (ROOT / "Makefile").read_text()
+    return dict(re.findall(r"^(\w+)\s*\?=\s*(.*?)\s*$", text, re.M))
+
+
+def _dockerfile() -> tuple[dict[str, str], list[str], list[str]]:
+    """(ARG defaults, RUN commands split on &&, other instructions) of deploy/Dockerfile."""
+    lines: list[str] = []
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.strip().startswith("#"):
+            continue
+        if lines and lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1] + " " + line.strip()
+        else:
+            lines.append(line.strip())
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)$", "\n".join(lines), re.M))
+    runs = [step.strip() for line in lines if line.startswith("RUN ")
+            for step in line[4:].split("&&")]
+    return {k: v.strip('"') for k, v in args.items()}, runs, lines
+
+
+def _install_steps(commands: list[str], ref: str) -> list[tuple[str, str]]:
+    """Each `pip install` in order: ("pip", ""), ("torch", "index" or "default"), ("package", target).
+
+    ``ref`` writes a variable reference: "$({})" in the Makefile, "${{{}}}" in the Dockerfile.
+    """
+    steps = []
+    for command in commands:
+        found = re.search(r"pip install (.*)", command)
+        if not found:
+            continue
+        rest = found.group(1).replace('"', "")
+        if re.search(r"--upgrade pip\b", rest):
+            steps.append(("pip", ""))
+        elif ref.format("TORCH") in rest.split():
+            index = "--index-url " + ref.format("TORCH_INDEX")
+            steps.append(("torch", "index" if index in rest else "default"))
+        elif target := re.search(r"(?:^|\s)(?:-e\s+)?'?(\.(?:\[[\w,]+\])?)'?(?:\s|$)", rest):
+            steps.append(("package", target.group(1)))
+        else:
+            steps.append(("other", rest))
+    return steps
+
+
+def test_the_image_installs_like_make_install() -> None:
+    make = _makefile_vars()
+    args, runs, _ = _dockerfile()
+    assert args["TORCH"] == make["TORCH"], "the image and `make install` pin different torch builds"
+    recipe = [l.strip() for l in (ROOT / "Makefile").read_text().splitlines() if "pip install" in l]
+    # Make: pip, torch (from TORCH_INDEX when set), then the package with its test extra.
+    assert _install_steps(recipe, "$({})") == [("pip", ""), ("torch", "index"), ("package", ".[test]")]
+    # Image: the same steps; torch from a chosen (CUDA) index, the package without the test extra.
+    assert _install_steps(runs, "${{{}}}") == [("pip", ""), ("torch", "index"), ("package", ".")]
+    assert args["TORCH_INDEX"].startswith("https://")
+
+
+def test_the_image_runs_fcn_pipeline_as_a_fixed_non_root_user_without_secrets() -> None:
+    args, runs, lines = _dockerfile()
+    assert int(args["UID"]) == RUN_AS_USER != 0
+    users = [l.split()[1] for l in lines if l.startswith("USER ")]
+    assert users == ["${UID}:${UID}"]
+    assert 'ENTRYPOINT ["fcn-pipeline"]' in lines
+    assert any(l.startswith("FROM ") for l in lines)
+    assert re.match(r"nvidia/cuda:12\.\d+(\.\d+)?-cudnn-runtime-ubuntu\d\d\.04$", args["BASE_IMAGE"])
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert not re.search(r"(?im)^(ARG|ENV)\s+\w*(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", text)
+    assert "--mount=type=secret" not in text
+    copied = [l.split()[1:-1] for l in lines if l.startswith("COPY ")]
+    assert sorted(p for c in copied for p in c) == ["README.md", "pipeline", "pyproject.toml"]
