@@ -108,6 +108,8 @@ def _progress_printer(stream=sys.stderr):  # type: ignore[no-untyped-def]
               help="DaskCluster YAML for --cluster kubernetes.")
 @click.option("--workers", type=int, help="Workers of the embedded cluster (default: one per core).")
 @click.option("--threads-per-worker", type=int, help="Threads per worker, also torch's (default 1).")
+@click.option("--gpu-resource/--no-gpu-resource", default=None,
+              help="Inference tasks ask for the Dask resource GPU=1 (default: when --device is cuda).")
 @click.option("--probabilities/--no-probabilities", default=None, help="Also store per-class float16 scores.")
 @click.option("--allow-no-crs", is_flag=True, default=None, help="Process scenes without a CRS.")
 @click.option("--overwrite", is_flag=True, default=None,
@@ -116,8 +118,9 @@ def _progress_printer(stream=sys.stderr):  # type: ignore[no-untyped-def]
 def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow: str | None,
         date: str | None, tile_size: int | None, batch_size: int | None, device: str | None,
         scheduler: str | None, cluster: str | None, cluster_spec: str | None,
-        workers: int | None, threads_per_worker: int | None, probabilities: bool | None,
-        allow_no_crs: bool | None, overwrite: bool | None, dry_run: bool) -> None:
+        workers: int | None, threads_per_worker: int | None, gpu_resource: bool | None,
+        probabilities: bool | None, allow_no_crs: bool | None, overwrite: bool | None,
+        dry_run: bool) -> None:
     """Label SCENES (GeoTIFF paths or glob patterns) into Zarr stores and COGs in --out."""
     from contextlib import ExitStack
 
@@ -135,6 +138,7 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
             "tile_size": tile_size, "batch_size": batch_size, "device": device,
             "scheduler": scheduler, "workers": workers, "threads_per_worker": threads_per_worker,
             "probabilities": probabilities, "allow_no_crs": allow_no_crs, "overwrite": overwrite,
+            "gpu_resource": gpu_resource,
         })
         with ExitStack() as stack:
             if cluster == "kubernetes":
@@ -184,7 +188,7 @@ def validate(workflow: str, date: str | None) -> None:
     click.echo(yaml.safe_dump(config.to_tree(), sort_keys=False), nl=False)
 
 
-@main.command()
+@main.command("bench-memory")
 @click.option("--sizes", default="2048,8192,20000", show_default=True,
               help="Comma-separated scene sizes (pixels per side).")
 @click.option("--tile-size", type=int, help="Tile size for the runs (default: run's default).")
@@ -192,8 +196,8 @@ def validate(workflow: str, date: str | None) -> None:
 @click.option("--model", default="demo", show_default=True, help="Model spec or `demo`.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the temporary scenes go (default: the system's temporary folder).")
-def bench(sizes: str, tile_size: int | None, workers: int | None, model: str,
-          workdir: Path | None) -> None:
+def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: str,
+                 workdir: Path | None) -> None:
     """Peak memory of the whole process tree and Mpx/s of `run` on generated scenes."""
     from pipeline.benchmark import memory_benchmark, render_memory
 

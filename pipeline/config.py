@@ -25,6 +25,7 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
         "scheduler": ("scheduler", str),
         "workers": ("workers", int),
         "threads_per_worker": ("threads_per_worker", int),
+        "gpu_resource": ("gpu_resource", bool),
     },
     "outputs": {"probabilities": ("probabilities", bool), "overwrite": ("overwrite", bool)},
     "input": {"allow_no_crs": ("allow_no_crs", bool)},
@@ -44,6 +45,7 @@ class RunConfig:
     scheduler: str | None = None
     workers: int | None = None
     threads_per_worker: int = 1
+    gpu_resource: bool | None = None
     probabilities: bool = False
     overwrite: bool = False
     allow_no_crs: bool = False
@@ -124,7 +126,7 @@ def values_from_tree(tree: Mapping[str, Any], source: str = "config") -> dict[st
                         f"(known: {', '.join(_LAYOUT[key])})"
                     )
                 attr, kind = _LAYOUT[key][sub]
-                if sub_value is None and attr in ("scheduler", "workers"):
+                if sub_value is None and attr in ("scheduler", "workers", "gpu_resource"):
                     continue
                 values[attr] = _coerce(f"{source}: {key}.{sub}", sub_value, kind)
         else:

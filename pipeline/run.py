@@ -285,8 +285,9 @@ def run(config: RunConfig, *, dry_run: bool = False,
         if work:
             model_ref = ModelRef(str(model.spec.path), model.sha256, device,
                                  config.threads_per_worker)
+            gpu = device == "cuda" if config.gpu_resource is None else config.gpu_resource
             cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker,
-                                  gpu=device == "cuda")
+                                  gpu=gpu)
             with connect(cluster) as client:
                 services = client.scheduler_info().get("services", {})
                 dashboard = client.dashboard_link if "dashboard" in services else None
@@ -296,7 +297,7 @@ def run(config: RunConfig, *, dry_run: bool = False,
                     k: submit_scene(client, plans[k], model_ref, item.record,
                                     batch_size=config.batch_size,
                                     probabilities=config.probabilities,
-                                    gpu=device == "cuda", skip=item.skip)
+                                    gpu=gpu, skip=item.skip)
                     for k, item in work.items()
                 }
                 _track(submitted, results, time.time(), on_progress, save)
