@@ -98,7 +98,10 @@ def _progress_printer(stream=sys.stderr):  # type: ignore[no-untyped-def]
 @click.option("--workflow", type=click.Path(dir_okay=False),
               help="Workflow file (settings: file < FCN_PIPELINE_* environment < options).")
 @click.option("--date", help="Run date for {date} in the workflow, YYYY-MM-DD (default: today, UTC).")
-@click.option("--tile-size", type=int, help="Core tile size in pixels (default 1024).")
+@click.option("--tile-size", help="Core tile size in pixels, or auto (default): the best "
+              "estimated throughput within --memory-budget.")
+@click.option("--memory-budget", help="Memory one inference task may use, e.g. 2GiB (default: 60 %% "
+              "of the GPU, or of RAM shared between workers).")
 @click.option("--batch-size", type=int, help="Tiles per task and per forward pass (default 1).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default auto.")
 @click.option("--scheduler", help="Dask scheduler address (else DASK_SCHEDULER_ADDRESS, else an embedded cluster).")
@@ -116,7 +119,8 @@ def _progress_printer(stream=sys.stderr):  # type: ignore[no-untyped-def]
               help="Replace outputs made with another input, model or settings.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tiles, halo, overhead, memory); compute nothing.")
 def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow: str | None,
-        date: str | None, tile_size: int | None, batch_size: int | None, device: str | None,
+        date: str | None, tile_size: str | None, memory_budget: str | None,
+        batch_size: int | None, device: str | None,
         scheduler: str | None, cluster: str | None, cluster_spec: str | None,
         workers: int | None, threads_per_worker: int | None, gpu_resource: bool | None,
         probabilities: bool | None, allow_no_crs: bool | None, overwrite: bool | None,
@@ -124,7 +128,7 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
     """Label SCENES (GeoTIFF paths or glob patterns) into Zarr stores and COGs in --out."""
     from contextlib import ExitStack
 
-    from pipeline.config import resolve, values_from_env
+    from pipeline.config import parse_bytes, resolve, values_from_env
     from pipeline.run import run as run_scenes
     from pipeline.workflow import load_workflow
 
@@ -135,7 +139,8 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
             raise ConfigError("--cluster kubernetes and --cluster-spec FILE go together")
         config = resolve(load_workflow(workflow, date=date) if workflow else {}, values_from_env(), {
             "scenes": tuple(scenes) or None, "output": output, "model": model,
-            "tile_size": tile_size, "batch_size": batch_size, "device": device,
+            "tile_size": _tile_size(tile_size), "batch_size": batch_size, "device": device,
+            "memory_budget": parse_bytes(memory_budget) if memory_budget else None,
             "scheduler": scheduler, "workers": workers, "threads_per_worker": threads_per_worker,
             "probabilities": probabilities, "allow_no_crs": allow_no_crs, "overwrite": overwrite,
             "gpu_resource": gpu_resource,
@@ -156,6 +161,15 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
     for scene in failed:
         click.echo(f"error: {Path(scene.scene).name}: {scene.error}", err=True)
     sys.exit(1 if failed else 0)
+
+
+def _tile_size(text: str | None) -> int | None:
+    """``--tile-size`` as an int; ``auto`` (or nothing) leaves the choice to the planner."""
+    if text is None or text.strip().lower() == "auto":
+        return None
+    if not text.strip().isdigit():
+        raise ConfigError(f"--tile-size must be a number of pixels or auto, got {text!r}")
+    return int(text)
 
 
 def _kubernetes(stack, config, cluster_spec: str, dry_run: bool):  # type: ignore[no-untyped-def]

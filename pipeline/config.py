@@ -14,12 +14,17 @@ from pipeline.errors import ConfigError
 
 SCHEMA_VERSION = 1
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_TILE_SIZE = 1024
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
 #: Section -> key -> (attribute of RunConfig, type). The tree users write.
 _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
     "": {"scenes": ("scenes", list), "model": ("model", str), "output": ("output", str)},
-    "tiling": {"tile_size": ("tile_size", int), "batch_size": ("batch_size", int)},
+    "tiling": {
+        "tile_size": ("tile_size", int),
+        "batch_size": ("batch_size", int),
+        "memory_budget": ("memory_budget", int),
+    },
     "compute": {
         "device": ("device", str),
         "scheduler": ("scheduler", str),
@@ -39,8 +44,9 @@ class RunConfig:
     scenes: tuple[str, ...] = ()
     model: str = "demo"
     output: str = ""
-    tile_size: int = DEFAULT_TILE_SIZE
+    tile_size: int | None = None
     batch_size: int = 1
+    memory_budget: int | None = None
     device: str = "auto"
     scheduler: str | None = None
     workers: int | None = None
@@ -51,8 +57,12 @@ class RunConfig:
     allow_no_crs: bool = False
 
     def __post_init__(self) -> None:
-        if self.tile_size < 16:
+        if self.tile_size is not None and self.tile_size < 16:
             raise ConfigError(f"tiling.tile_size must be at least 16 pixels, got {self.tile_size}")
+        if self.memory_budget is not None and self.memory_budget < 2**20:
+            raise ConfigError(
+                f"tiling.memory_budget must be at least 1MiB, got {self.memory_budget} bytes"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"tiling.batch_size must be at least 1, got {self.batch_size}")
         if self.device not in DEVICES:
@@ -76,11 +86,33 @@ class RunConfig:
             target = tree if not section else tree.setdefault(section, {})
             for key, (attr, _) in keys.items():
                 value = flat[attr]
+                if attr == "tile_size" and value is None:
+                    value = "auto"
                 target[key] = list(value) if isinstance(value, tuple) else value
         return tree
 
 
+def parse_bytes(text: str | int) -> int:
+    """Bytes from an int or a string such as ``2GiB``, ``512 MiB`` or ``1.5GB``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    raw = str(text).strip().lower().replace(" ", "")
+    number = raw.rstrip("kmgtib")
+    unit = raw[len(number):]
+    try:
+        return int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise ConfigError(f"{text!r} is not a size in bytes (examples: 2GiB, 512MiB, 1000000)") from None
+
+
 def _coerce(where: str, value: Any, kind: type) -> Any:
+    if "tile_size" in where and isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if "memory_budget" in where and isinstance(value, str):
+        try:
+            return parse_bytes(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -126,7 +158,8 @@ def values_from_tree(tree: Mapping[str, Any], source: str = "config") -> dict[st
                         f"(known: {', '.join(_LAYOUT[key])})"
                     )
                 attr, kind = _LAYOUT[key][sub]
-                if sub_value is None and attr in ("scheduler", "workers", "gpu_resource"):
+                if sub_value is None and attr in ("scheduler", "workers", "gpu_resource",
+                                                  "memory_budget"):
                     continue
                 values[attr] = _coerce(f"{source}: {key}.{sub}", sub_value, kind)
         else:

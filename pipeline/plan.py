@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError
 from pipeline.grid import Tile, TileGrid
-from pipeline.receptive import ReceptiveField
+from pipeline.receptive import ReceptiveField, align_up
 from pipeline.scene import SceneInfo
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -83,10 +85,11 @@ class MemoryEstimate:
 
 
 def describe(plans: list[ScenePlan], field: ReceptiveField, memory: MemoryEstimate,
-             batch_size: int) -> str:
+             batch_size: int, choice: TileChoice) -> str:
     """The dry-run text: tiles, halo, overhead and memory, per scene and in total."""
     halo = plans[0].grid.halo if plans else field.halo()
     lines = [
+        f"tile size {choice.size} px ({choice.reason})",
         f"receptive field {field.size[0]}x{field.size[1]} px, stride {field.stride[0]}, "
         f"windows aligned to {field.align[0]} px",
         f"halo before {halo.before[0]}x{halo.before[1]} px, after {halo.after[0]}x{halo.after[1]} "
@@ -113,3 +116,56 @@ def describe(plans: list[ScenePlan], field: ReceptiveField, memory: MemoryEstima
             f"overhead {computed / total_px:.3f} (pixels computed / pixels output)"
         )
     return "\n".join(lines)
+
+
+#: Tile sizes the automatic choice considers (rounded up to the field's ``align``).
+TILE_CANDIDATES = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+
+
+@dataclass(frozen=True)
+class TileChoice:
+    """The tile size a run uses, and why."""
+
+    size: int
+    reason: str
+
+
+def choose_tile_size(shapes: list[tuple[int, int]], field: ReceptiveField, workers: int,
+                     memory_of: Callable[[int], int], budget: int) -> TileChoice:
+    """The tile size with the best estimated throughput whose task memory fits ``budget``.
+
+    Throughput is estimated as parallel efficiency (all ``workers`` busy:
+    ``tiles / (workers * ceil(tiles / workers))``) over halo overhead (pixels
+    computed per pixel output): bigger tiles cut the overhead until there are
+    too few of them to keep every worker busy or a task no longer fits.
+    ``memory_of(tile)`` estimates one task's peak bytes.
+    """
+    if not shapes:
+        return TileChoice(TILE_CANDIDATES[0], "no scene to plan")
+    largest = max(max(shape) for shape in shapes)
+    sizes = sorted({min(align_up(c, max(field.align)), align_up(largest, max(field.align)))
+                    for c in TILE_CANDIDATES})
+    best: tuple[float, int, str] | None = None
+    for size in sizes:
+        need = memory_of(size)
+        if need > budget:
+            continue
+        grids = [TileGrid.build(shape, shape, field, size) for shape in shapes]
+        tiles = sum(len(g) for g in grids)
+        overhead = sum(g.computed_pixels for g in grids) / sum(r * c for r, c in shapes)
+        efficiency = tiles / (workers * math.ceil(tiles / workers))
+        score = efficiency / overhead
+        if best is None or score > best[0] + 1e-9:
+            best = (score, size, (
+                f"auto: best estimated throughput among tile sizes fitting the memory budget "
+                f"{budget / 2**20:.0f} MiB per task ({need / 2**20:.0f} MiB needed): "
+                f"{tiles} tiles for {workers} workers (efficiency {efficiency:.2f}), "
+                f"halo overhead {overhead:.3f}"))
+    if best is None:
+        smallest = sizes[0]
+        raise ConfigError(
+            f"even {smallest} px tiles need {memory_of(smallest) / 2**20:.0f} MiB per task, over "
+            f"the memory budget of {budget / 2**20:.0f} MiB; raise --memory-budget or lower "
+            "--batch-size"
+        )
+    return TileChoice(best[1], best[2])

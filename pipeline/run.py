@@ -12,12 +12,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from distributed import as_completed
 
 from pipeline._version import __version__
 from pipeline.analysis import receptive_field
-from pipeline.cluster import ClusterSpec, connect
+from pipeline.cluster import ClusterSpec, connect, default_workers
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, ModelError, PipelineError
 from pipeline.graph import SceneFutures, submit_scene
@@ -33,7 +34,17 @@ from pipeline.journal import (
 )
 from pipeline.model import build_model
 from pipeline.modelspec import ModelSpec, load_spec, verify_weights
-from pipeline.plan import MemoryEstimate, ScenePlan, check_unique, describe, outputs_for
+from pipeline.plan import (
+    MemoryEstimate,
+    ScenePlan,
+    TileChoice,
+    check_unique,
+    choose_tile_size,
+    describe,
+    outputs_for,
+)
+from pipeline.receptive import align_up
+from pipeline.scene import SceneInfo
 from pipeline.readers import check_bands, open_scene
 from pipeline.receptive import ReceptiveField
 from pipeline.tasks import ModelRef
@@ -133,7 +144,7 @@ def _load_model(source: str) -> _Model:
     return _Model(spec, digest, receptive_field(module), module)
 
 
-def _plan_scene(path: str, config: RunConfig, model: _Model, out_dir: Path) -> ScenePlan:
+def _open_scene(path: str, config: RunConfig, model: _Model) -> SceneInfo:
     info = open_scene(path, allow_no_crs=config.allow_no_crs)
     check_bands(info, model.spec.bands, model.spec.dtypes)
     channels = len(model.spec.bands)
@@ -144,20 +155,55 @@ def _plan_scene(path: str, config: RunConfig, model: _Model, out_dir: Path) -> S
             f"{info.shape[0]}x{info.shape[1]} scene {Path(path).name}; label maps need an output "
             "at the scene's resolution (upsample in the model)"
         )
-    grid = TileGrid.build(info.shape, info.shape, model.field, config.tile_size)
-    return ScenePlan(info, grid, outputs_for(path, out_dir))
+    return info
 
 
-def _memory(model: _Model, plans: list[ScenePlan], batch_size: int) -> MemoryEstimate:
-    if not plans:
-        return MemoryEstimate(0, 0, weight_bytes(model.module))
-    rows, cols = max((p.grid.max_window_shape for p in plans), key=lambda s: s[0] * s[1])
+def _memory(model: _Model, window: tuple[int, int], batch_size: int) -> MemoryEstimate:
+    """Peak bytes of one inference task on windows of ``window`` pixels."""
     channels = len(model.spec.bands)
+    rows, cols = window
+    classes = len(model.spec.classes)
+    # Per pixel: raw values (up to 8 bytes a band), the float32 model input, the
+    # logits and their crop, the int64 argmax and the masks.
+    per_pixel = channels * (8 + 4) + classes * 4 * 2 + 8 + 2
     return MemoryEstimate(
-        window_input=batch_size * rows * cols * channels * (4 + 8),
+        window_input=batch_size * rows * cols * per_pixel,
         activations=activation_bytes(model.module, (channels, rows, cols), batch_size),
         weights=weight_bytes(model.module),
     )
+
+
+#: Default cap of one CPU task's memory: beyond tiles of a few thousand pixels the halo
+#: overhead hardly falls, while memory keeps growing with the tile's area.
+CPU_TASK_BUDGET = 512 * 2**20
+
+
+def _default_budget(config: RunConfig, device: str) -> int:
+    """A safe share of a worker's memory: 60 % of the GPU; on CPUs 60 % of the RAM
+    split between workers, at most :data:`CPU_TASK_BUDGET`."""
+    if config.memory_budget:
+        return config.memory_budget
+    if device == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory * 0.6)
+    workers = config.workers or default_workers(config.threads_per_worker, gpu=False)
+    return min(CPU_TASK_BUDGET, int(psutil.virtual_memory().total * 0.6 / workers))
+
+
+def _choose_tiles(infos: list[SceneInfo], config: RunConfig, model: _Model,
+                  device: str) -> TileChoice:
+    if config.tile_size is not None:
+        return TileChoice(config.tile_size, "as given")
+    workers = config.workers or default_workers(config.threads_per_worker, device == "cuda")
+    field = model.field
+
+    def memory_of(tile: int) -> int:
+        halo = field.halo()
+        window = tuple(align_up(tile + halo.before[k] + halo.after[k], field.align[k])
+                       for k in (0, 1))
+        return _memory(model, window, config.batch_size).total  # type: ignore[arg-type]
+
+    return choose_tile_size([i.shape for i in infos], field, workers, memory_of,
+                            _default_budget(config, device))
 
 
 def _versions() -> dict[str, str]:
@@ -252,18 +298,23 @@ def run(config: RunConfig, *, dry_run: bool = False,
     check_unique(outputs, paths)
 
     results = [SceneResult(scene=p, stem=o.stem) for p, o in zip(paths, outputs)]
-    plans: dict[int, ScenePlan] = {}
+    infos: dict[int, SceneInfo] = {}
     for k, (path, result) in enumerate(zip(paths, results)):
         try:
-            plans[k] = _plan_scene(path, config, model, out_dir)
+            infos[k] = _open_scene(path, config, model)
         except PipelineError as exc:
             result.status, result.error = "failed", str(exc)
-            continue
-        result.shape = plans[k].info.shape
-        result.tiles = len(plans[k].grid)
+    choice = _choose_tiles(list(infos.values()), config, model, device)
+    plans: dict[int, ScenePlan] = {}
+    for k, info in infos.items():
+        grid = TileGrid.build(info.shape, info.shape, model.field, choice.size)
+        plans[k] = ScenePlan(info, grid, outputs[k])
+        results[k].shape = info.shape
+        results[k].tiles = len(grid)
+    window = max((p.grid.max_window_shape for p in plans.values()),
+                 key=lambda s: s[0] * s[1], default=(choice.size, choice.size))
     plan_text = describe(list(plans.values()), model.field,
-                         _memory(model, list(plans.values()), config.batch_size),
-                         config.batch_size)
+                         _memory(model, window, config.batch_size), config.batch_size, choice)
     if dry_run:
         return RunReport(results, None, plan_text)
 
@@ -329,7 +380,7 @@ def _store_spec(plan: ScenePlan, model: _Model, config: RunConfig, digest: str) 
     info = plan.info
     return LabelStoreSpec(
         shape=info.shape,
-        chunks=plan.grid.tile_shape,
+        chunks=tuple(min(t, n) for t, n in zip(plan.grid.tile_shape, info.shape)),  # type: ignore[arg-type]
         crs=info.crs,
         transform=info.transform,
         classes=model.spec.classes,
@@ -340,7 +391,7 @@ def _store_spec(plan: ScenePlan, model: _Model, config: RunConfig, digest: str) 
             "scene": info.path,
             "model": model.spec.name,
             "model_sha256": model.sha256,
-            "tile_size": config.tile_size,
+            "tile_size": plan.grid.tile_shape[0],
             "halo": asdict(plan.grid.halo),
             FINGERPRINT_ATTR: digest,
         },

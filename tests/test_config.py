@@ -54,3 +54,13 @@ def test_two_scenes_with_one_stem_are_refused(tmp_path) -> None:
     scenes = ["a/x.tif", "b/x.tif"]
     with pytest.raises(ConfigError, match="both write x"):
         check_unique([outputs_for(s, tmp_path) for s in scenes], scenes)
+
+
+def test_tile_size_auto_and_memory_budget_units() -> None:
+    config = resolve(values_from_tree({"schema": 1, "tiling": {"tile_size": "auto",
+                                                               "memory_budget": "1.5GiB"}}))
+    assert config.tile_size is None and config.memory_budget == int(1.5 * 2**30)
+    assert config.to_tree()["tiling"]["tile_size"] == "auto"
+    assert resolve(values_from_env({"FCN_PIPELINE_TILING_TILE_SIZE": "auto"})).tile_size is None
+    with pytest.raises(ConfigError, match="memory_budget"):
+        values_from_tree({"schema": 1, "tiling": {"memory_budget": "lots"}})

@@ -1,0 +1,33 @@
+"""The automatic tile size: best estimated throughput within the memory budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.plan import choose_tile_size
+from pipeline.receptive import ReceptiveField
+
+FIELD = ReceptiveField(size=(65, 65), stride=(1, 1), offset=(-32, -32), align=(8, 8))
+
+
+def test_bigger_tiles_until_workers_would_idle() -> None:
+    choice = choose_tile_size([(2048, 2048)], FIELD, workers=2, memory_of=lambda t: t * t,
+                              budget=10**12)
+    assert choice.size == 1024  # 4 tiles keep 2 workers busy; one 2048 tile would idle one
+    assert "efficiency 1.00" in choice.reason
+
+
+def test_the_memory_budget_caps_the_tile() -> None:
+    choice = choose_tile_size([(20000, 20000)], FIELD, workers=2,
+                              memory_of=lambda t: 100 * t * t, budget=100 * 1600**2)
+    assert choice.size == 1536
+    with pytest.raises(ConfigError, match="memory budget"):
+        choose_tile_size([(20000, 20000)], FIELD, workers=2, memory_of=lambda t: 10**12,
+                         budget=10**6)
+
+
+def test_small_scenes_get_one_tile_each() -> None:
+    choice = choose_tile_size([(300, 300), (300, 300)], FIELD, workers=2,
+                              memory_of=lambda t: t, budget=10**9)
+    assert choice.size == 304
