@@ -111,6 +111,12 @@ def _progress_printer(stream=sys.stderr):  # type: ignore[no-untyped-def]
               help="DaskCluster YAML for --cluster kubernetes.")
 @click.option("--workers", type=int, help="Workers of the embedded cluster (default: one per core).")
 @click.option("--threads-per-worker", type=int, help="Threads per worker, also torch's (default 1).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Autocast precision of the forward pass (default fp32).")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="channels_last memory format (default: on with cuda).")
+@click.option("--compile/--no-compile", "compile_model", default=None,
+              help="torch.compile the model once per worker.")
 @click.option("--gpu-resource/--no-gpu-resource", default=None,
               help="Inference tasks ask for the Dask resource GPU=1 (default: when --device is cuda).")
 @click.option("--probabilities/--no-probabilities", default=None, help="Also store per-class float16 scores.")
@@ -122,7 +128,8 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
         date: str | None, tile_size: str | None, memory_budget: str | None,
         batch_size: int | None, device: str | None,
         scheduler: str | None, cluster: str | None, cluster_spec: str | None,
-        workers: int | None, threads_per_worker: int | None, gpu_resource: bool | None,
+        workers: int | None, threads_per_worker: int | None, precision: str | None,
+        channels_last: bool | None, compile_model: bool | None, gpu_resource: bool | None,
         probabilities: bool | None, allow_no_crs: bool | None, overwrite: bool | None,
         dry_run: bool) -> None:
     """Label SCENES (GeoTIFF paths or glob patterns) into Zarr stores and COGs in --out."""
@@ -143,7 +150,8 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
             "memory_budget": parse_bytes(memory_budget) if memory_budget else None,
             "scheduler": scheduler, "workers": workers, "threads_per_worker": threads_per_worker,
             "probabilities": probabilities, "allow_no_crs": allow_no_crs, "overwrite": overwrite,
-            "gpu_resource": gpu_resource,
+            "gpu_resource": gpu_resource, "precision": precision,
+            "channels_last": channels_last, "compile": compile_model,
         })
         with ExitStack() as stack:
             if cluster == "kubernetes":

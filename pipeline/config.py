@@ -14,6 +14,7 @@ from pipeline.errors import ConfigError
 
 SCHEMA_VERSION = 1
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
@@ -31,6 +32,9 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
         "workers": ("workers", int),
         "threads_per_worker": ("threads_per_worker", int),
         "gpu_resource": ("gpu_resource", bool),
+        "precision": ("precision", str),
+        "channels_last": ("channels_last", bool),
+        "compile": ("compile", bool),
     },
     "outputs": {"probabilities": ("probabilities", bool), "overwrite": ("overwrite", bool)},
     "input": {"allow_no_crs": ("allow_no_crs", bool)},
@@ -52,6 +56,9 @@ class RunConfig:
     workers: int | None = None
     threads_per_worker: int = 1
     gpu_resource: bool | None = None
+    precision: str = "fp32"
+    channels_last: bool | None = None
+    compile: bool = False
     probabilities: bool = False
     overwrite: bool = False
     allow_no_crs: bool = False
@@ -67,6 +74,10 @@ class RunConfig:
             raise ConfigError(f"tiling.batch_size must be at least 1, got {self.batch_size}")
         if self.device not in DEVICES:
             raise ConfigError(f"compute.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"compute.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"compute.workers must be at least 1, got {self.workers}")
         if self.threads_per_worker < 1:
@@ -159,6 +170,7 @@ def values_from_tree(tree: Mapping[str, Any], source: str = "config") -> dict[st
                     )
                 attr, kind = _LAYOUT[key][sub]
                 if sub_value is None and attr in ("scheduler", "workers", "gpu_resource",
+                                                  "channels_last",
                                                   "memory_budget"):
                     continue
                 values[attr] = _coerce(f"{source}: {key}.{sub}", sub_value, kind)

@@ -40,7 +40,7 @@ _FEW = 5
 # so a Dask worker builds each model once and keeps it for every task it runs.
 # Keyed by (spec path, sha256 of the weights, device); guarded by _MODELS_LOCK,
 # which is held while a model loads, so threads of one worker never load twice.
-_MODELS: dict[tuple[str, str, str], tuple[ModelSpec, nn.Module]] = {}
+_MODELS: dict[tuple[str, str, str, bool, bool], tuple[ModelSpec, nn.Module]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
@@ -58,7 +58,8 @@ def build_model(spec: ModelSpec, *, device: str = "cpu") -> nn.Module:
     return _assemble(spec, data, device)
 
 
-def cached_model(spec_path: str, sha256: str, device: str) -> tuple[ModelSpec, nn.Module]:
+def cached_model(spec_path: str, sha256: str, device: str, *, channels_last: bool = False,
+                 compile: bool = False) -> tuple[ModelSpec, nn.Module]:
     """The spec and model for a task, built on first use in this process and kept.
 
     ``sha256`` is the weights' digest that the client computed while planning
@@ -66,7 +67,7 @@ def cached_model(spec_path: str, sha256: str, device: str) -> tuple[ModelSpec, n
     against it, so a worker never runs weights other than those planned. The spec
     is read once per key: edit a spec's YAML between runs in a fresh process.
     """
-    key = (str(spec_path), sha256.strip().lower(), str(device))
+    key = (str(spec_path), sha256.strip().lower(), str(device), channels_last, compile)
     with _MODELS_LOCK:
         entry = _MODELS.get(key)
         if entry is None:
@@ -80,7 +81,12 @@ def cached_model(spec_path: str, sha256: str, device: str) -> tuple[ModelSpec, n
                     f"planned: its sha256 is {digest}, the task expects {key[1]}; plan the run "
                     "again"
                 )
-            entry = _MODELS[key] = (spec, _assemble(spec, data, device))
+            module = _assemble(spec, data, device)
+            if channels_last:
+                module = module.to(memory_format=torch.channels_last)
+            if compile:
+                module = torch.compile(module)  # type: ignore[assignment]
+            entry = _MODELS[key] = (spec, module)
     return entry
 
 

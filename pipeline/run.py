@@ -229,6 +229,7 @@ def _fingerprint_values(plan: ScenePlan, model: _Model, config: RunConfig,
         "shape": list(info.shape), "model_sha256": model.sha256, "model_name": model.spec.name,
         "bands": list(model.spec.bands), "tile_shape": list(plan.grid.tile_shape),
         "halo": asdict(plan.grid.halo), "probabilities": config.probabilities, "device": device,
+        "precision": config.precision,
     }
 
 
@@ -334,8 +335,12 @@ def run(config: RunConfig, *, dry_run: bool = False,
         save()
         dashboard = None
         if work:
-            model_ref = ModelRef(str(model.spec.path), model.sha256, device,
-                                 config.threads_per_worker)
+            model_ref = ModelRef(
+                str(model.spec.path), model.sha256, device, config.threads_per_worker,
+                precision=config.precision,
+                channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
+                compile=config.compile,
+            )
             gpu = device == "cuda" if config.gpu_resource is None else config.gpu_resource
             cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker,
                                   gpu=gpu)

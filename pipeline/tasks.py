@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,13 @@ class ModelRef:
     sha256: str
     device: str
     threads: int = 1
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
 
 @dataclass(frozen=True)
@@ -68,43 +76,68 @@ def _prepare_torch(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _read(spec: ModelSpec, target: SceneTarget, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+    """A tile's model input and the validity of its core."""
+    data, scene_valid = read_window(target.scene, tile.window, spec.bands)
+    return data, _valid(spec, data, scene_valid)[tile.crop.slices()]
+
+
 def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, ...]) -> BatchStats:
     """Predict ``tiles`` of one scene and write their chunks.
 
-    Windows of equal shape go through the network in one batch. Tiles whose
-    core has no valid input pixel are written as nodata without inference.
+    Windows are read by a small thread pool while the network runs, so reading
+    and decoding overlap with compute; windows of equal shape go through the
+    network in one batch (pinned memory and non-blocking copies on a GPU).
+    Tiles whose core has no valid input pixel are written as nodata without
+    inference.
     """
     start = time.perf_counter()
     _prepare_torch(model_ref.threads)
-    spec, model = cached_model(model_ref.spec_path, model_ref.sha256, model_ref.device)
-    groups: dict[tuple[int, int], list[tuple[Tile, np.ndarray, np.ndarray]]] = defaultdict(list)
-    for tile in tiles:
-        data, scene_valid = read_window(target.scene, tile.window, spec.bands)
-        valid = _valid(spec, data, scene_valid)[tile.crop.slices()]
-        if not valid.any():
-            _write(target, tile, np.full(tile.core.shape, spec.nodata_output), None, spec)
-            continue
-        groups[tile.window.shape].append((tile, normalize(data, spec), valid))
+    spec, model = cached_model(model_ref.spec_path, model_ref.sha256, model_ref.device,
+                               channels_last=model_ref.channels_last, compile=model_ref.compile)
     inferred = 0
-    for members in groups.values():
-        batch = torch.from_numpy(np.stack([x for _, x, _ in members]))
-        with torch.inference_mode():
-            scores = model(batch.to(model_ref.device, non_blocking=True))
-            labels = scores.argmax(dim=1).to(torch.uint8 if len(spec.classes) <= 255 else torch.int32)
-            probs = torch.softmax(scores.float(), dim=1) if target.probabilities else None
-        labels_np = labels.cpu().numpy()
-        probs_np = probs.to(torch.float16).cpu().numpy() if probs is not None else None
-        for k, (tile, _, valid) in enumerate(members):
-            block = labels_np[k][tile.crop.slices()].copy()
-            block[~valid] = spec.nodata_output
-            tile_probs = None
-            if probs_np is not None:
-                tile_probs = probs_np[k][(slice(None), *tile.crop.slices())].copy()
-                tile_probs[:, ~valid] = np.nan
-            _write(target, tile, block, tile_probs, spec)
-            inferred += 1
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="read") as pool:
+        reads = [pool.submit(_read, spec, target, tile) for tile in tiles]
+        groups: dict[tuple[int, int], list[tuple[Tile, np.ndarray, np.ndarray]]] = defaultdict(list)
+        for tile, read in zip(tiles, reads):
+            data, valid = read.result()
+            if not valid.any():
+                _write(target, tile, np.full(tile.core.shape, spec.nodata_output), None, spec)
+                continue
+            groups[tile.window.shape].append((tile, normalize(data, spec), valid))
+        for members in groups.values():
+            _infer(model_ref, model, spec, target, members)
+            inferred += len(members)
     pixels = sum(t.core.area for t in tiles)
     return BatchStats(len(tiles), inferred, pixels, time.perf_counter() - start)
+
+
+def _infer(model_ref: ModelRef, model: torch.nn.Module, spec: ModelSpec, target: SceneTarget,
+           members: list[tuple[Tile, np.ndarray, np.ndarray]]) -> None:
+    """One forward pass over windows of one shape; crop, mask and write each tile."""
+    batch = torch.from_numpy(np.stack([x for _, x, _ in members]))
+    cuda = model_ref.device.startswith("cuda")
+    if cuda:
+        batch = batch.pin_memory()
+    batch = batch.to(model_ref.device, non_blocking=cuda)
+    if model_ref.channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    dtype = model_ref.autocast_dtype
+    with torch.inference_mode(), torch.autocast(batch.device.type, dtype=dtype,
+                                                enabled=dtype is not None):
+        scores = model(batch).float()
+        labels = scores.argmax(dim=1).to(torch.uint8 if len(spec.classes) <= 255 else torch.int32)
+        probs = torch.softmax(scores, dim=1) if target.probabilities else None
+    labels_np = labels.cpu().numpy()
+    probs_np = probs.to(torch.float16).cpu().numpy() if probs is not None else None
+    for k, (tile, _, valid) in enumerate(members):
+        block = labels_np[k][tile.crop.slices()].copy()
+        block[~valid] = spec.nodata_output
+        tile_probs = None
+        if probs_np is not None:
+            tile_probs = probs_np[k][(slice(None), *tile.crop.slices())].copy()
+            tile_probs[:, ~valid] = np.nan
+        _write(target, tile, block, tile_probs, spec)
 
 
 def _write(target: SceneTarget, tile: Tile, labels: np.ndarray, probs: np.ndarray | None,
