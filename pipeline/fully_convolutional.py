@@ -38,20 +38,26 @@ def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 def _feature_shape(classifier: nn.Module, flatten_input: fx.Node, input_size: tuple[int, int],
                    channels: int, gm: fx.GraphModule) -> tuple[int, int, int]:
     """Shape (C, h, w) of the tensor that the classifier flattens."""
-    captured: dict[str, tuple[int, ...]] = {}
+    class _Reached(Exception):
+        def __init__(self, shape: tuple[int, ...]) -> None:
+            self.shape = shape
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node):  # type: ignore[no-untyped-def]
             out = super().run_node(n)
             if n is flatten_input:
-                captured["shape"] = tuple(out.shape)
+                raise _Reached(tuple(out.shape))  # nothing after the flatten needs to run
             return out
 
     param = next(classifier.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
-    with torch.no_grad():
-        _Recorder(gm).run(torch.zeros(1, channels, *input_size, dtype=dtype))
-    shape = captured["shape"]
+    try:
+        with torch.no_grad():
+            _Recorder(gm).run(torch.zeros(1, channels, *input_size, dtype=dtype))
+    except _Reached as reached:
+        shape = reached.shape
+    else:  # pragma: no cover - the flatten input is always computed
+        raise ModelAnalysisError("the classifier never computed its flatten input")
     if len(shape) != 4:
         raise ModelAnalysisError(
             f"the classifier flattens a tensor of shape {shape}; convolutionalize needs (N, C, H, W)"
@@ -77,9 +83,13 @@ def _linear_to_conv(linear: nn.Linear, kernel: tuple[int, int], channels: int) -
 
 
 def _batchnorm1d_to_2d(bn: nn.BatchNorm1d) -> nn.BatchNorm2d:
+    """The same normalisation over the channels of a 4-D tensor (dtype and device kept)."""
     new = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    reference = next(iter(bn.state_dict().values()), None)
+    if reference is not None:
+        new = new.to(device=reference.device, dtype=reference.dtype)
     new.load_state_dict(bn.state_dict())
-    return new.to(device=bn.weight.device if bn.affine else None).eval()
+    return new.train(bn.training)
 
 
 def convolutionalize(classifier: nn.Module, input_size: int | tuple[int, int]) -> fx.GraphModule:

@@ -46,8 +46,17 @@ def output_shape(model: nn.Module, input_shape: tuple[int, int, int],
     """
     state = {k: v.to("meta") for k, v in model.state_dict(keep_vars=True).items()}
     x = torch.empty((1, *input_shape), dtype=dtype, device="meta")
-    with torch.no_grad():
-        y = functional_call(model, state, (x,), strict=False)
+    try:
+        with torch.no_grad():
+            y = functional_call(model, state, (x,), strict=False)
+    except Exception as exc:  # user models fail in many ways on meta tensors
+        raise ModelAnalysisError(
+            f"cannot compute the output shape of {type(model).__name__} for an input of "
+            f"{tuple(input_shape)} without running it on data (data-dependent values or "
+            f"shapes?): {exc}"
+        ) from exc
+    if not isinstance(y, torch.Tensor):
+        raise ModelAnalysisError(f"{type(model).__name__} does not return a single tensor")
     return tuple(y.shape[1:])
 
 
