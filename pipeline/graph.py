@@ -30,11 +30,15 @@ class SceneFutures:
 
 
 def scene_token(plan: ScenePlan, model: ModelRef, batch_size: int, probabilities: bool) -> str:
-    """A deterministic token of everything that decides a scene's outputs."""
+    """A deterministic token of everything that decides a scene's tasks and where they write.
+
+    The output paths are part of it: two runs of one scene into different
+    directories on a shared scheduler must not share tasks.
+    """
     info = plan.info
     return tokenize(
-        info.path, info.shape, info.size_bytes, info.mtime_ns, model.sha256, model.spec_path,
-        plan.grid.tile_shape, plan.grid.halo, batch_size, probabilities,
+        info.path, info.shape, info.size_bytes, info.mtime_ns, model, plan.grid.tile_shape,
+        plan.grid.halo, batch_size, probabilities, str(plan.outputs.store), str(plan.outputs.cog),
     )
 
 

@@ -79,6 +79,8 @@ def test_gpu_runs_ask_for_the_gpu_resource_and_keys_are_deterministic(tmp_path, 
     again = scene_token(plan, model, 2, False)
     assert all(again in f.key for f in futures.tiles)
     assert scene_token(plan, model, 1, False) != again
+    elsewhere = _plan(scene, spec_path, tmp_path / "other", 32)
+    assert scene_token(elsewhere, model, 2, False) != again  # other outputs: other tasks
     labels = zarr.open_group(str(plan.outputs.store), mode="r")["labels"][:]
     assert labels.shape == (96, 96) and set(np.unique(labels)) <= {0, 1, 2, 3, 255}
     assert plan.outputs.cog.is_file()
