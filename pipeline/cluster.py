@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -56,12 +55,13 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
             client.close()
         return
     workers = spec.workers or default_workers(spec.threads_per_worker, spec.gpu)
-    dashboard = ":0" if importlib.util.find_spec("bokeh") else None
+    # A free port for the dashboard (and the scheduler's HTTP routes), so concurrent runs
+    # on one machine never fight over 8787.
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=spec.threads_per_worker,
         processes=True,
-        dashboard_address=dashboard,
+        dashboard_address=":0",
         resources={GPU_RESOURCE: 1} if spec.gpu else None,
         silence_logs=logging.ERROR,
     )

@@ -63,7 +63,7 @@ def test_gpu_runs_ask_for_the_gpu_resource_and_keys_are_deterministic(tmp_path, 
     # The device stays on the CPU here; only the resource request is under test.
     model = ModelRef(str(spec_path), digest, "cpu")
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                      resources={"GPU": 1}, dashboard_address=None) as cluster, Client(cluster) as client:
+                      resources={"GPU": 1}, dashboard_address=":0") as cluster, Client(cluster) as client:
         futures = submit_scene(client, plan, model, record, batch_size=2, probabilities=False,
                                gpu=True)
         wait([*futures.tiles, futures.publish])
