@@ -130,7 +130,7 @@ def _upsample_steps(scale: Any, mode: str, align_corners: Any, where: str) -> tu
         elif mode in ("bilinear", "linear", "nearest-exact", "bicubic"):
             reach = 2 if mode == "bicubic" else 1
             centre = Fraction(1, 2 * sf) - Fraction(1, 2)
-            steps.append((centre - reach - 1, centre + reach, Fraction(1, sf)))
+            steps.append((centre - reach, centre + reach, Fraction(1, sf)))
         else:
             raise ModelAnalysisError(f"{where} uses interpolation mode {mode!r}, which is not supported")
     return steps[0], steps[1]
