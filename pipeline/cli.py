@@ -233,6 +233,51 @@ def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: 
     sys.exit(1 if any(f.exit_code for f in figures) else 0)
 
 
+@main.command()
+@click.option("--model", default="demo", show_default=True,
+              help="`demo`, a model spec file, or a built-in architecture name (random weights).")
+@click.option("--size", default=2048, show_default=True, help="Side of the generated scene (px).")
+@click.option("--tile-size", type=int, help="Tile size of (b), (c), (d) (default: what run picks).")
+@click.option("--workers", type=int, help="Workers of the run (default: --threads on cpu, 1 on cuda).")
+@click.option("--threads", type=int, help="torch threads, and workers x threads of the run "
+              "(default: the usable cores).")
+@click.option("--repeats", default=3, show_default=True, help="Timed passes of (a), (b), (d).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--argument", "arguments", multiple=True, metavar="KEY=YAML",
+              help="Factory argument of a built-in architecture, e.g. base=4 (repeatable).")
+@click.option("--skip-run", is_flag=True, help="Leave out (c), the end-to-end run.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the temporary scene, spec and outputs go.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def bench(model: str, size: int, tile_size: int | None, workers: int | None,
+          threads: int | None, repeats: int, device: str, arguments: tuple[str, ...],
+          skip_run: bool, workdir: Path | None, as_json: bool) -> None:
+    """Throughput of (a) the bare model, (b) exact tiling in memory, (c) `run` end to end and
+    (d) 25 %-overlap sliding windows, on one generated scene, with their ratios."""
+    import json
+
+    import yaml
+
+    from pipeline.throughput import render_throughput, throughput_benchmark
+
+    try:
+        kwargs = {}
+        for item in arguments:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--argument must be KEY=VALUE, got {item!r}")
+            kwargs[key.strip()] = yaml.safe_load(value)
+        result = throughput_benchmark(
+            model, size=size, tile_size=tile_size, workers=workers, threads=threads,
+            repeats=repeats, device=device, arguments=kwargs or None, end_to_end=not skip_run,
+            workdir=workdir, log=lambda m: click.echo(m, err=True))
+    except (ConfigError, ModelError) as exc:
+        _fail_usage(exc)
+    click.echo(json.dumps(result, indent=2) if as_json else render_throughput(result))
+    run = result["run"]
+    sys.exit(1 if run and run["exit_code"] else 0)
+
+
 @main.group()
 def demo() -> None:
     """The bundled demo model: re-train it, measure its accuracy and speed."""

@@ -51,9 +51,11 @@ def _feature_shape(classifier: nn.Module, flatten_input: fx.Node, input_size: tu
 
     param = next(classifier.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
+    recorder = _Recorder(gm)
+    recorder.extra_traceback = False  # the stop is deliberate: no traceback decoration
     try:
         with torch.no_grad():
-            _Recorder(gm).run(torch.zeros(1, channels, *input_size, dtype=dtype))
+            recorder.run(torch.zeros(1, channels, *input_size, dtype=dtype))
     except _Reached as reached:
         shape = reached.shape
     else:  # pragma: no cover - the flatten input is always computed

@@ -127,10 +127,10 @@ def predict_tiled(
     grid, geometry = plan_tiles(model, tuple(tensor.shape), tile_size, halo, tensor.dtype)  # type: ignore[arg-type]
     device = _device_of(model)
     result: np.ndarray | None = None
-    with torch.no_grad():
+    with torch.inference_mode():
         for tile in grid:
             rows, cols = tile.window.slices()
-            window = tensor[:, rows, cols].unsqueeze(0).to(device)
+            window = tensor[:, rows, cols].unsqueeze(0).contiguous().to(device)
             out = model(window)[0]
             crop_rows, crop_cols = tile.crop.slices()
             block = out[:, crop_rows, crop_cols]
@@ -139,11 +139,11 @@ def predict_tiled(
                     f"window {tile.window} gave output {tuple(out.shape[1:])}; cropping "
                     f"{tile.crop} does not give the core tile {tile.core.shape}"
                 )
+            values = block.cpu().numpy()
             if result is None:
-                result = np.empty((out.shape[0], *geometry.output_shape),
-                                  dtype=block.cpu().numpy().dtype)
+                result = np.empty((out.shape[0], *geometry.output_shape), dtype=values.dtype)
             core_rows, core_cols = tile.core.slices()
-            result[:, core_rows, core_cols] = block.cpu().numpy()
+            result[:, core_rows, core_cols] = values
     assert result is not None
     return result
 
