@@ -249,17 +249,33 @@ def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: 
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the temporary scene, spec and outputs go.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--scaling", help="Instead: end-to-end runs with these worker counts (e.g. 1,2) "
+              "and their parallel efficiency.")
 def bench(model: str, size: int, tile_size: int | None, workers: int | None,
           threads: int | None, repeats: int, device: str, arguments: tuple[str, ...],
-          skip_run: bool, workdir: Path | None, as_json: bool) -> None:
+          skip_run: bool, workdir: Path | None, as_json: bool, scaling: str | None) -> None:
     """Throughput of (a) the bare model, (b) exact tiling in memory, (c) `run` end to end and
     (d) 25 %-overlap sliding windows, on one generated scene, with their ratios."""
     import json
 
     import yaml
 
-    from pipeline.throughput import render_throughput, throughput_benchmark
+    from pipeline.throughput import (
+        render_scaling,
+        render_throughput,
+        scaling_benchmark,
+        throughput_benchmark,
+    )
 
+    if scaling:
+        try:
+            counts = [int(v) for v in scaling.split(",") if v.strip()]
+        except ValueError as exc:
+            _fail_usage(exc)
+        rows = scaling_benchmark(model, size=size, workers=counts, tile_size=tile_size,
+                                 workdir=workdir, log=lambda m: click.echo(m, err=True))
+        click.echo(json.dumps(rows, indent=2) if as_json else render_scaling(rows, size))
+        sys.exit(1 if any(r["exit_code"] for r in rows) else 0)
     try:
         kwargs = {}
         for item in arguments:

@@ -630,3 +630,49 @@ def render_throughput(result: Mapping[str, Any]) -> str:
     lines.append("(c) seconds: wall time of the command (start-up, cluster, reading, writing the "
                  "Zarr store and COG); run's own time: from submitting tiles to the published COG")
     return "\n".join(lines)
+
+
+def scaling_benchmark(model: str = "demo", *, size: int = 4096, workers: Sequence[int] = (1, 2),
+                      tile_size: int | None = None, workdir: Path | None = None,
+                      log: Log = print) -> list[dict[str, Any]]:
+    """End-to-end ``run`` throughput with N single-threaded workers, and parallel efficiency.
+
+    Efficiency of N workers is their throughput over N times the throughput of one,
+    measured on the run's own time (from submitting tiles to the published COG) and on
+    the wall time of the whole command (which includes start-up).
+    """
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="fcn-scaling-") as tmp_name:
+        tmp = Path(tmp_name)
+        bench = load_bench_model(model, tmp / "model")
+        scene = write_sample_scenes(tmp / "scene", size=size, count=1, seed=SCENE_SEED)[0].scene
+        spec_path = bench.spec.path or Path(model)
+        for n in workers:
+            out = tmp / f"out-{n}"
+            command = _cli(scene, out, spec_path, tile_size, n, 1, "cpu")
+            log(f"scaling: {n} worker(s)")
+            rows.append({"workers": n, **run_end_to_end(command, out, size * size)})
+    base = rows[0]
+    for row in rows:
+        for key in ("mpx_per_s", "scene_mpx_per_s"):
+            first, value = base.get(key), row.get(key)
+            row[f"{key}_efficiency"] = (
+                value / (first * row["workers"] / base["workers"]) if first and value else None)
+    return rows
+
+
+def render_scaling(rows: Sequence[Mapping[str, Any]], size: int) -> str:
+    """The scaling table."""
+    lines = [f"end-to-end run of a {size}x{size} scene (demo model unless given), CPU workers "
+             "of 1 thread each",
+             f"{'workers':>7} {'wall s':>8} {'Mpx/s':>7} {'eff.':>5} {'run s':>7} {'Mpx/s':>7} "
+             f"{'eff.':>5} {'peak RSS MiB':>13}"]
+    for row in rows:
+        lines.append(
+            f"{row['workers']:>7} {row['seconds']:>8.1f} {_fmt(row['mpx_per_s']):>7} "
+            f"{_fmt(row['mpx_per_s_efficiency']):>5} {_fmt(row['scene_seconds'], '.1f'):>7} "
+            f"{_fmt(row['scene_mpx_per_s']):>7} {_fmt(row['scene_mpx_per_s_efficiency']):>5} "
+            f"{row['peak_rss_bytes'] / 2**20:>13.0f}")
+    lines.append("wall: the whole command (start-up included); run: the run's own time from "
+                 "submitting tiles to the published COG; eff.: throughput / (N x one worker's)")
+    return "\n".join(lines)

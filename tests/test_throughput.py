@@ -166,3 +166,16 @@ def test_everything_once_with_the_real_run(tmp_path) -> None:  # type: ignore[no
         run["mpx_per_s"] / result["sliding"]["mpx_per_s"])
     assert result["tiled"]["max_abs_deviation"] <= 1e-4
     assert "(c) fcn-pipeline run" in render_throughput(result)
+
+
+@pytest.mark.slow
+def test_scaling_reports_parallel_efficiency(tmp_path) -> None:
+    from pipeline.throughput import render_scaling, scaling_benchmark
+
+    rows = scaling_benchmark("demo", size=256, workers=(1, 2), tile_size=128, workdir=tmp_path,
+                             log=lambda m: None)
+    assert [r["workers"] for r in rows] == [1, 2]
+    assert all(r["exit_code"] == 0 and r["mpx_per_s"] > 0 for r in rows)
+    assert rows[0]["mpx_per_s_efficiency"] == pytest.approx(1.0)
+    assert 0 < rows[1]["mpx_per_s_efficiency"] < 2
+    assert "eff." in render_scaling(rows, 256)
