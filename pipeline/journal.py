@@ -123,10 +123,21 @@ class SceneRecord:
             return None
         return json.loads(meta.read_text()).get("attributes", {}).get(FINGERPRINT_ATTR)
 
-    def start(self, digest: str, values: Mapping[str, Any]) -> None:
-        """Begin fresh work on the scene (discarding any earlier work)."""
+    def start(self) -> None:
+        """Begin fresh work on the scene (discarding any earlier work).
+
+        The fingerprint is written by :meth:`commit` once the label store exists,
+        so a kill in between leaves work without a fingerprint: started afresh.
+        """
         self.discard_work()
         self.tiles.mkdir(parents=True)
+
+    def store_complete(self) -> bool:
+        """Whether the work store was fully created (its labels array exists)."""
+        return (self.store / "labels" / "zarr.json").is_file()
+
+    def commit(self, digest: str, values: Mapping[str, Any]) -> None:
+        """Record the fingerprint: from now on this work can be resumed."""
         _write_json(self.work / "fingerprint.json", {"fingerprint": digest, "values": dict(values)})
 
     def discard_work(self) -> None:

@@ -252,7 +252,10 @@ def _prepare_work(plans: dict[int, ScenePlan], results: list[SceneResult], model
         values = _fingerprint_values(plan, model, config, device)
         digest = fingerprint(values)
         published, started = record.published_fingerprint(), record.work_fingerprint()
-        if published == digest and started is None:
+        if published == digest:
+            # Published stores are complete (they are moved into place last); a work
+            # folder left beside one was being removed when a run was killed.
+            record.discard_work()
             results[k].status, results[k].skipped = "done", True
             results[k].tiles_done = results[k].tiles
             results[k].outputs = {"zarr": str(plan.outputs.store), "cog": str(plan.outputs.cog)}
@@ -263,11 +266,12 @@ def _prepare_work(plans: dict[int, ScenePlan], results: list[SceneResult], model
             continue
         if stale:
             record.discard_published()
-        if started == digest and (record.store / "zarr.json").is_file():
+        if started == digest and record.store_complete():
             skip = frozenset(record.tiles_done())
         else:
-            record.start(digest, values)
+            record.start()
             create_label_store(record.store, _store_spec(plan, model, config, digest))
+            record.commit(digest, values)
             skip = frozenset()
         work[k] = _Work(record, digest, skip)
     if conflicts:

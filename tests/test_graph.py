@@ -56,7 +56,7 @@ def test_gpu_runs_ask_for_the_gpu_resource_and_keys_are_deterministic(tmp_path, 
     plan = _plan(scene, spec_path, tmp_path / "o", 32)
     spec = load_spec(spec_path)
     record = SceneRecord(tmp_path / "o", plan.outputs.stem)
-    record.start("test", {})
+    record.start()
     create_label_store(record.store, LabelStoreSpec(
         shape=plan.info.shape, chunks=plan.grid.tile_shape, crs=plan.info.crs,
         transform=plan.info.transform, classes=spec.classes, nodata=255))
