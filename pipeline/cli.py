@@ -136,7 +136,7 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
     from contextlib import ExitStack
 
     from pipeline.config import parse_bytes, resolve, values_from_env
-    from pipeline.run import run as run_scenes
+    from pipeline.journal import check_unlocked
     from pipeline.workflow import load_workflow
 
     try:
@@ -153,6 +153,10 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
             "gpu_resource": gpu_resource, "precision": precision,
             "channels_last": channels_last, "compile": compile_model,
         })
+        if config.output and not dry_run:  # before loading torch and the model
+            check_unlocked(Path(config.output).absolute())
+        from pipeline.run import run as run_scenes
+
         with ExitStack() as stack:
             if cluster == "kubernetes":
                 config = _kubernetes(stack, config, cluster_spec, dry_run)  # type: ignore[arg-type]

@@ -63,7 +63,7 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
         processes=True,
         dashboard_address=":0",
         resources={GPU_RESOURCE: 1} if spec.gpu else None,
-        silence_logs=logging.ERROR,
+        silence_logs=logging.CRITICAL,  # a failed tile is reported once, by the run
     )
     try:
         with Client(cluster) as client:

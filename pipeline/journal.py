@@ -42,6 +42,32 @@ def fingerprint(values: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _held_error(out_dir: Path, fd: int) -> ConfigError:
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+    return ConfigError(
+        f"another fcn-pipeline run (pid {holder}) is writing {out_dir}; wait for it to "
+        "finish or choose another --out"
+    )
+
+
+def check_unlocked(out_dir: Path) -> None:
+    """Fail at once when another run holds ``out_dir``'s lock (a cheap early check)."""
+    path = out_dir / WORK / "lock"
+    if not path.is_file():
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise _held_error(out_dir, fd) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def locked(out_dir: Path) -> Iterator[None]:
     """Hold the output directory's lock; fail at once when another run holds it.
@@ -58,11 +84,7 @@ def locked(out_dir: Path) -> Iterator[None]:
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise ConfigError(
-                f"another fcn-pipeline run (pid {holder}) is writing {out_dir}; wait for it to "
-                "finish or choose another --out"
-            ) from None
+            raise _held_error(out_dir, fd) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -156,6 +178,11 @@ class SceneRecord:
     def attempts(self) -> int:
         path = self.work / "attempts"
         return int(path.read_text()) if path.is_file() else 0
+
+    def drop_partial_chunks(self) -> None:
+        """Remove chunk files a kill left half-written (zarr writes ``*.partial``, then renames)."""
+        for path in self.store.rglob("*.partial"):
+            path.unlink(missing_ok=True)
 
     def tiles_done(self) -> set[tuple[int, int]]:
         if not self.tiles.is_dir():

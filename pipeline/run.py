@@ -267,6 +267,7 @@ def _prepare_work(plans: dict[int, ScenePlan], results: list[SceneResult], model
         if stale:
             record.discard_published()
         if started == digest and record.store_complete():
+            record.drop_partial_chunks()
             skip = frozenset(record.tiles_done())
         else:
             record.start()
@@ -427,10 +428,16 @@ def _track(submitted: dict[int, SceneFutures], results: list[SceneResult], start
     for future in as_completed(futures):
         k, batch = owner[future.key]
         result = results[k]
+        if future.status == "cancelled":
+            continue
         if future.status == "error":
             if result.status != "failed":
                 result.status = "failed"
                 result.error = _one_line(future.exception())
+                scene = submitted[k]
+                for pending in (*scene.tiles, scene.publish):  # the scene has failed: stop it
+                    if not pending.done():
+                        pending.cancel()
                 on_scene()
             continue
         if batch is None:
