@@ -50,6 +50,16 @@ def _held_error(out_dir: Path, fd: int) -> ConfigError:
     )
 
 
+def _take_lock(fd: int, out_dir: Path) -> None:
+    """flock ``fd`` without waiting; a lock held elsewhere is a ConfigError naming its pid."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise _held_error(out_dir, fd) from None
+
+
 def check_unlocked(out_dir: Path) -> None:
     """Fail at once when another run holds ``out_dir``'s lock (a cheap early check)."""
     path = out_dir / WORK / "lock"
@@ -57,12 +67,7 @@ def check_unlocked(out_dir: Path) -> None:
         return
     fd = os.open(path, os.O_RDWR)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise _held_error(out_dir, fd) from None
+        _take_lock(fd, out_dir)
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
@@ -79,12 +84,7 @@ def locked(out_dir: Path) -> Iterator[None]:
     work.mkdir(parents=True, exist_ok=True)
     fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise _held_error(out_dir, fd) from None
+        _take_lock(fd, out_dir)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
