@@ -30,3 +30,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():  # type: ignore[no-untyped-def]
+    """Small convolutions on two shared cores: threads cost far more than they give."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@ paper's Table 1, the networks the analysis must refuse, and convolutionalize."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,13 +27,7 @@ BILINEAR = {"upsampling"}
 SQUARE_FCNS = {"fcn8s_tiny", "fcn32s_tiny", "fcn_alexnet_tiny"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small convolutions on two shared cores: threads cost more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _probe_axis(
