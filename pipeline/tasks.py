@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.grid import Tile
+from pipeline.inference import class_labels
 from pipeline.journal import publish_store, record_tile
 from pipeline.model import cached_model
 from pipeline.modelspec import ModelSpec, normalize
@@ -123,21 +124,21 @@ def _infer(model_ref: ModelRef, model: torch.nn.Module, spec: ModelSpec, target:
     if model_ref.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     dtype = model_ref.autocast_dtype
-    with torch.inference_mode(), torch.autocast(batch.device.type, dtype=dtype,
-                                                enabled=dtype is not None):
-        scores = model(batch).float()
-        labels = scores.argmax(dim=1).to(torch.uint8 if len(spec.classes) <= 255 else torch.int32)
-        probs = torch.softmax(scores, dim=1) if target.probabilities else None
-    labels_np = labels.cpu().numpy()
-    probs_np = probs.to(torch.float16).cpu().numpy() if probs is not None else None
-    for k, (tile, _, valid) in enumerate(members):
-        block = labels_np[k][tile.crop.slices()].copy()
-        block[~valid] = spec.nodata_output
-        tile_probs = None
-        if probs_np is not None:
-            tile_probs = probs_np[k][(slice(None), *tile.crop.slices())].copy()
-            tile_probs[:, ~valid] = np.nan
-        _write(target, tile, block, tile_probs, spec)
+    label_dtype = torch.uint8 if len(spec.classes) <= 255 else torch.int32
+    with torch.inference_mode():
+        with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype is not None):
+            scores = model(batch)
+        for k, (tile, _, valid) in enumerate(members):
+            rows, cols = tile.crop.slices()
+            crop = scores[k:k + 1, :, rows, cols]
+            block = class_labels(crop, label_dtype)[0].cpu().numpy()
+            block[~valid] = spec.nodata_output
+            tile_probs = None
+            if target.probabilities:
+                probs = torch.softmax(crop.float(), dim=1)[0].to(torch.float16)
+                tile_probs = probs.cpu().numpy()
+                tile_probs[:, ~valid] = np.nan
+            _write(target, tile, block, tile_probs, spec)
 
 
 def _write(target: SceneTarget, tile: Tile, labels: np.ndarray, probs: np.ndarray | None,
