@@ -31,3 +31,13 @@ def test_small_scenes_get_one_tile_each() -> None:
     choice = choose_tile_size([(300, 300), (300, 300)], FIELD, workers=2,
                               memory_of=lambda t: t, budget=10**9)
     assert choice.size == 304
+
+
+def test_the_smallest_tile_within_the_tolerance_wins() -> None:
+    # A 3 px field (halos aligned to 8 px): past 1024 px tiles bigger ones
+    # buy under 3 %, so the smallest near-best one is taken.
+    field = ReceptiveField(size=(3, 3), stride=(1, 1), offset=(-1, -1), align=(8, 8))
+    choice = choose_tile_size([(8192, 8192)], field, workers=1, memory_of=lambda t: t * t,
+                              budget=10**12)
+    assert choice.size == 1024  # 8 px halos: 768 px tiles compute 3.9 % more, 1024 px 2.8 %
+    assert "within 3% of the best" in choice.reason
