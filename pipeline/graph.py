@@ -47,7 +47,9 @@ def submit_scene(client: Client, plan: ScenePlan, model: ModelRef, record: Scene
                  skip: frozenset[tuple[int, int]] = frozenset()) -> SceneFutures:
     """Submit a scene's tile tasks (except the ``skip`` tiles, already written) and its publication."""
     token = scene_token(plan, model, batch_size, probabilities)
-    target = SceneTarget(plan.info.path, str(record.store), str(record.tiles), probabilities)
+    levels = plan.overview_levels()
+    target = SceneTarget(plan.info.path, str(record.store), str(record.tiles), probabilities,
+                         str(record.overviews) if levels else None, levels)
     resources = {GPU_RESOURCE: 1} if gpu else None
     batches = plan.batches(batch_size, skip)
     tiles = tuple(
@@ -60,8 +62,8 @@ def submit_scene(client: Client, plan: ScenePlan, model: ModelRef, record: Scene
         for k, batch in enumerate(batches)
     )
     publish = client.submit(
-        publish_scene, str(record.store), str(plan.outputs.cog), str(plan.outputs.store),
-        str(record.work), *tiles,
+        publish_scene, str(record.store), target.overviews, str(plan.outputs.cog),
+        str(plan.outputs.store), str(record.work), *tiles,
         key=f"publish-{plan.outputs.stem}-{token}",
         pure=False,
     )

@@ -121,6 +121,11 @@ class SceneRecord:
         return self.work / "labels.zarr"
 
     @property
+    def overviews(self) -> Path:
+        """The store of the overview levels that tiles build alongside their labels."""
+        return self.work / "overviews.zarr"
+
+    @property
     def tiles(self) -> Path:
         return self.work / "tiles"
 
@@ -181,7 +186,7 @@ class SceneRecord:
 
     def drop_partial_chunks(self) -> None:
         """Remove chunk files a kill left half-written (zarr writes ``*.partial``, then renames)."""
-        for path in self.store.rglob("*.partial"):
+        for path in self.work.rglob("*.partial"):
             path.unlink(missing_ok=True)
 
     def tiles_done(self) -> set[tuple[int, int]]:

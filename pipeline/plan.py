@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError
 from pipeline.grid import Tile, TileGrid
+from pipeline.overviews import COG_BLOCKSIZE, overview_factors, tile_levels
 from pipeline.receptive import ReceptiveField, align_up
 from pipeline.scene import SceneInfo
 
@@ -69,6 +70,11 @@ class ScenePlan:
             row = [self.grid.tile(i, j) for j in range(cols) if (i, j) not in skip]
             out.extend(tuple(row[k:k + size]) for k in range(0, len(row), size))
         return out
+
+    def overview_levels(self, blocksize: int = COG_BLOCKSIZE) -> int:
+        """How many of the COG's overview levels the tiles build themselves."""
+        shape = self.info.shape
+        return tile_levels(shape, self.grid.tile_shape, len(overview_factors(shape, blocksize)))
 
 
 @dataclass(frozen=True)

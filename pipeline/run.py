@@ -48,7 +48,7 @@ from pipeline.scene import SceneInfo
 from pipeline.readers import check_bands, open_scene
 from pipeline.receptive import ReceptiveField
 from pipeline.tasks import ModelRef
-from pipeline.writers import LabelStoreSpec, create_label_store
+from pipeline.writers import LabelStoreSpec, create_label_store, create_overview_store
 
 MANIFEST = "run.json"
 _VERSIONED = ("torch", "numpy", "dask", "distributed", "rasterio", "zarr")
@@ -164,7 +164,7 @@ def _memory(model: _Model, window: tuple[int, int], batch_size: int) -> MemoryEs
     rows, cols = window
     classes = len(model.spec.classes)
     # Per pixel: raw values (up to 8 bytes a band), the float32 model input, the
-    # logits and their crop, the int64 argmax and the masks.
+    # logits and their crop, the labels and the masks.
     per_pixel = channels * (8 + 4) + classes * 4 * 2 + 8 + 2
     return MemoryEstimate(
         window_input=batch_size * rows * cols * per_pixel,
@@ -271,7 +271,12 @@ def _prepare_work(plans: dict[int, ScenePlan], results: list[SceneResult], model
             skip = frozenset(record.tiles_done())
         else:
             record.start()
-            create_label_store(record.store, _store_spec(plan, model, config, digest))
+            spec = _store_spec(plan, model, config, digest)
+            create_label_store(record.store, spec)
+            levels = plan.overview_levels()
+            if levels:
+                create_overview_store(record.overviews, spec.shape, spec.chunks, levels,
+                                      spec.dtype, spec.nodata)
             record.commit(digest, values)
             skip = frozenset()
         work[k] = _Work(record, digest, skip)

@@ -20,10 +20,12 @@ import torch
 from pipeline.grid import Tile
 from pipeline.inference import class_labels
 from pipeline.journal import publish_store, record_tile
+from pipeline.labels import label_dtype
 from pipeline.model import cached_model
 from pipeline.modelspec import ModelSpec, normalize
 from pipeline.readers import read_window
-from pipeline.writers import write_cog, write_labels
+from pipeline.overviews import pyramid
+from pipeline.writers import write_cog, write_labels, write_overviews
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class SceneTarget:
     store: str
     tiles_dir: str
     probabilities: bool
+    overviews: str | None = None
+    overview_levels: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,21 +149,26 @@ def _write(target: SceneTarget, tile: Tile, labels: np.ndarray, probs: np.ndarra
            spec: ModelSpec) -> None:
     if target.probabilities and probs is None:
         probs = np.full((len(spec.classes), *tile.core.shape), np.nan, dtype=np.float16)
+    labels = labels.astype(label_dtype(len(spec.classes)), copy=False)
     write_labels(target.store, tile.core, labels, probs)
+    if target.overviews is not None and (labels != spec.nodata_output).any():
+        write_overviews(target.overviews, tile.core,
+                        pyramid(labels, spec.nodata_output, target.overview_levels))
     record_tile(target.tiles_dir, tile.index)
 
 
-def publish_scene(store: str, cog: str, published_store: str, work_dir: str,
-                  *batches: BatchStats) -> BatchStats:
+def publish_scene(store: str, overviews: str | None, cog: str, published_store: str,
+                  work_dir: str, *batches: BatchStats) -> BatchStats:
     """Publish a scene whose tiles are all written; sum its tile stats.
 
-    The COG is made from the work store (under a temporary name, renamed
+    The COG is made from the work store and the overview levels the tiles
+    built (under a temporary name, renamed
     into place), then the store itself is moved into place and the work
     folder removed. A kill in between leaves the work to redo on the next
     run, never a published store that is incomplete.
     """
     start = time.perf_counter()
-    write_cog(store, cog)
+    write_cog(store, cog, overviews=overviews)
     publish_store(store, published_store)
     shutil.rmtree(work_dir, ignore_errors=True)
     return BatchStats(

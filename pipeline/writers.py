@@ -24,6 +24,7 @@ import json
 import os
 import uuid
 import warnings
+from xml.etree import ElementTree
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,13 @@ import rasterio.shutil
 import zarr
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import Compression, Resampling
+from rasterio.enums import Compression
 from rasterio.errors import CRSError, RasterioError
 
 from pipeline.errors import OutputError
 from pipeline.grid import Box
 from pipeline.labels import LabelClass, label_dtype
+from pipeline.overviews import COG_BLOCKSIZE, level_shape, majority_2x2, overview_factors
 
 #: Names of the arrays in a label store.
 LABELS = "labels"
@@ -264,6 +266,60 @@ def write_labels(
         raise OutputError(f"cannot write tile {_box_text(core)} to {path}: {exc}") from exc
 
 
+def create_overview_store(path: str | Path, shape: tuple[int, int], chunks: tuple[int, int],
+                          levels: int, dtype: np.dtype, nodata: int) -> None:
+    """Create (overwrite) the Zarr v3 store of the first ``levels`` overview levels of a
+    ``shape`` label map whose tiles are ``chunks``: one array per level, named by its
+    factor (``"2"``, ``"4"``, ...), chunked so that each tile writes one chunk of each.
+    """
+    try:
+        group = zarr.open_group(str(path), mode="w", zarr_format=3,
+                                attributes={"shape": list(shape), "levels": levels})
+        for level in range(1, levels + 1):
+            f = 2**level
+            group.create_array(
+                str(f),
+                shape=level_shape(shape, level),
+                chunks=(max(1, chunks[0] // f), max(1, chunks[1] // f)),
+                dtype=dtype,
+                fill_value=int(nodata),
+                compressors=zarr.codecs.ZstdCodec(),
+            )
+    except OSError as exc:
+        raise OutputError(f"cannot create the overview store {path}: {exc}") from exc
+
+
+def write_overviews(path: str | Path, core: Box, levels: list[np.ndarray]) -> None:
+    """Write one tile's overview levels (``levels[k]`` is level ``k + 1`` of its labels,
+    from :func:`pipeline.overviews.pyramid`) into the overview store at ``path``."""
+    for level in range(1, len(levels) + 1):
+        f = 2**level
+        if core.rows.start % f or core.cols.start % f:
+            raise OutputError(
+                f"tile {_box_text(core)} does not start on the {f}x{f} grid of overview "
+                f"level {level} in {path}"
+            )
+    group = _open_store(path, mode="r+")
+    arrays = [_member(group, str(2**level), path) for level in range(1, len(levels) + 1)]
+    try:
+        for level, (array, block) in enumerate(zip(arrays, levels), start=1):
+            r0, c0 = core.rows.start // 2**level, core.cols.start // 2**level
+            array[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+    except OSError as exc:
+        raise OutputError(f"cannot write the overviews of tile {_box_text(core)} to {path}: "
+                          f"{exc}") from exc
+
+
+def _stored_overviews(path: str | Path, geo: _StoreGeo, levels: int) -> list[zarr.Array]:
+    """The overview levels a store at ``path`` holds for ``geo``'s labels, first ones first."""
+    group = _open_store(path, mode="r")
+    if tuple(group.attrs.get("shape", ())) != tuple(geo.labels.shape):
+        raise OutputError(f"{path} holds overviews of a {group.attrs.get('shape')} map, not "
+                          f"of the {geo.labels.shape} labels")
+    return [_member(group, str(2**level), path)
+            for level in range(1, min(levels, int(group.attrs["levels"])) + 1)]
+
+
 def _open_store(path: str | Path, mode: str) -> zarr.Group:
     try:
         return zarr.open_group(str(path), mode=mode, zarr_format=3)  # type: ignore[arg-type]
@@ -340,37 +396,56 @@ class _StoreGeo:
     attrs: Mapping[str, Any]
 
 
-def write_cog(store: str | Path, tif: str | Path, *, blocksize: int = 512) -> None:
+def write_cog(store: str | Path, tif: str | Path, *, blocksize: int = COG_BLOCKSIZE,
+              overviews: str | Path | None = None) -> None:
     """Make a Cloud Optimized GeoTIFF of the store's labels at ``tif``.
 
     Tiled ``blocksize`` (a multiple of 16), ZSTD (DEFLATE where GDAL lacks
-    it), overviews by MODE resampling (no invented class) down to one block,
-    with the store's CRS, transform, nodata, colour map and class names (tag
-    ``CLASS_NAMES``, JSON). It is written block by block to hidden ``.tmp``
-    files next to ``tif`` and renamed into place; they are removed on failure.
+    it), with the store's CRS, transform, nodata, colour map and class names
+    (tag ``CLASS_NAMES``, JSON), and overviews down to one block, each level
+    the 2x2 majority of the one above (:mod:`pipeline.overviews`: no invented
+    class). Levels found in the ``overviews`` store (written by the tiles,
+    :func:`write_overviews`) are copied; the rest are computed here.
+
+    Every level goes to a hidden ``.tmp`` GeoTIFF next to ``tif``, block by
+    block, so no level is ever held in memory; a VRT ties them together and
+    GDAL's COG driver (compressing on all usable cores) writes the COG under
+    a temporary name, renamed into place. Temporary files are removed, also
+    on failure.
     """
     if blocksize < 16 or blocksize % 16:
         raise OutputError(f"COG blocksize must be a positive multiple of 16, got {blocksize}")
     tif = Path(tif)
     geo = _read_store_geo(store)
+    factors = overview_factors(geo.labels.shape, blocksize)
+    stored = _stored_overviews(overviews, geo, len(factors)) if overviews is not None else []
     staged: list[Path] = []
+    threads = str(_cores())
     try:
-        with rasterio.Env(GDAL_CACHEMAX=COG_CACHE_BYTES, GDAL_TIFF_OVR_BLOCKSIZE=blocksize):
+        with rasterio.Env(GDAL_CACHEMAX=COG_CACHE_BYTES, GDAL_NUM_THREADS=threads):
             compress = _best_compression()
-            tiled = _temp_path(tif, staged)
-            _write_tiled(geo, tiled, blocksize, compress)
+            levels = [_temp_path(tif, staged)]
+            _write_level(geo, levels[0], 1, geo.labels, blocksize, first=True)
+            for k, factor in enumerate(factors):
+                levels.append(_temp_path(tif, staged))
+                if k < len(stored):
+                    _write_level(geo, levels[-1], factor, stored[k], blocksize)
+                else:
+                    _reduce_level(geo, levels[-2], levels[-1], factor, blocksize)
+            vrt = _temp_path(tif, staged)
+            _overview_vrt(levels, vrt)
             cog = _temp_path(tif, staged)
             rasterio.shutil.copy(
-                str(tiled),
+                str(vrt),
                 str(cog),
                 driver="COG",
                 BLOCKSIZE=blocksize,
                 COMPRESS=compress,
                 OVERVIEW_COMPRESS=compress,
                 OVERVIEWS="FORCE_USE_EXISTING",
-                RESAMPLING="MODE",
                 BIGTIFF="IF_SAFER",
                 STATISTICS="NO",
+                NUM_THREADS=threads,
             )
         os.replace(cog, tif)
     except (OSError, RasterioError) as exc:
@@ -379,6 +454,12 @@ def write_cog(store: str | Path, tif: str | Path, *, blocksize: int = 512) -> No
         for path in staged:
             for leftover in (path, path.with_name(path.name + ".aux.xml")):
                 leftover.unlink(missing_ok=True)
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _read_store_geo(store: str | Path) -> _StoreGeo:
@@ -408,39 +489,70 @@ def _temp_path(tif: Path, staged: list[Path]) -> Path:
     return path
 
 
-def _write_tiled(geo: _StoreGeo, path: Path, blocksize: int, compress: str) -> None:
-    """Tiled GeoTIFF of the labels, written whole blocks at a time, with MODE overviews."""
-    rows, cols = geo.labels.shape
-    profile = {
+def _level_profile(geo: _StoreGeo, shape: tuple[int, int], factor: int,
+                   blocksize: int) -> dict[str, Any]:
+    """A temporary tiled GeoTIFF of one level, quickly compressed (it is read once)."""
+    compress = _best_compression()
+    return {
         "driver": "GTiff",
-        "height": rows,
-        "width": cols,
+        "height": shape[0],
+        "width": shape[1],
         "count": 1,
         "dtype": geo.labels.dtype.name,
         "crs": CRS.from_wkt(geo.crs) if geo.crs else None,
-        "transform": geo.transform,
+        "transform": geo.transform @ Affine.scale(factor),
         "nodata": geo.nodata,
         "tiled": True,
         "blockxsize": blocksize,
         "blockysize": blocksize,
         "compress": compress,
+        **({"zstd_level": 1} if compress == "ZSTD" else {"zlevel": 1}),
         "bigtiff": "IF_SAFER",
     }
-    colormap = {i: (*color, 255) for i, color in enumerate(geo.colors)}
-    colormap[geo.nodata] = (0, 0, 0, 0)
-    with rasterio.open(path, "w", **profile) as dst:
-        for rows_span, cols_span in _block_windows(geo.labels.shape, geo.labels.chunks, blocksize):
-            block = geo.labels[slice(*rows_span), slice(*cols_span)]
-            dst.write(block, 1, window=(rows_span, cols_span))
-        factors = _overview_factors((rows, cols), blocksize)
-        if factors:
-            # Before the colour map: GDAL then takes the mode of the label
-            # values at every level (with a palette it would warn that the
-            # overview bands, which have none, were resampled without one).
-            dst.build_overviews(factors, Resampling.mode)
-        dst.write_colormap(1, colormap)
-        dst.set_band_description(1, "labels")
-        dst.update_tags(**_cog_tags(geo))
+
+
+def _write_level(geo: _StoreGeo, path: Path, factor: int, array: zarr.Array, blocksize: int,
+                 *, first: bool = False) -> None:
+    """One level from a Zarr array, whole blocks at a time; the first level also gets the
+    colour map, band description and tags that the COG keeps."""
+    with rasterio.open(path, "w", **_level_profile(geo, array.shape, factor, blocksize)) as dst:
+        for rows, cols in _block_windows(array.shape, array.chunks, blocksize):
+            dst.write(array[slice(*rows), slice(*cols)], 1, window=(rows, cols))
+        if first:
+            colormap = {i: (*color, 255) for i, color in enumerate(geo.colors)}
+            colormap[geo.nodata] = (0, 0, 0, 0)
+            dst.write_colormap(1, colormap)
+            dst.set_band_description(1, "labels")
+            dst.update_tags(**_cog_tags(geo))
+
+
+def _reduce_level(geo: _StoreGeo, source: Path, path: Path, factor: int, blocksize: int) -> None:
+    """The next level from the previous level's file: 2x2 majority, one output block at a time."""
+    step = 2 * blocksize
+    with rasterio.open(source) as src:
+        shape = level_shape((src.height, src.width), 1)
+        with rasterio.open(path, "w", **_level_profile(geo, shape, factor, blocksize)) as dst:
+            for r0 in range(0, src.height, step):
+                for c0 in range(0, src.width, step):
+                    rows, cols = (r0, min(r0 + step, src.height)), (c0, min(c0 + step, src.width))
+                    block = majority_2x2(src.read(1, window=(rows, cols)), geo.nodata)
+                    dst.write(block, 1, window=((r0 // 2, r0 // 2 + block.shape[0]),
+                                                (c0 // 2, c0 // 2 + block.shape[1])))
+
+
+def _overview_vrt(levels: list[Path], vrt: Path) -> None:
+    """A VRT of the first level whose band lists the other levels as its overviews."""
+    rasterio.shutil.copy(str(levels[0]), str(vrt), driver="VRT")
+    tree = ElementTree.parse(vrt)
+    band = tree.getroot().find("VRTRasterBand")
+    if band is None:
+        raise OutputError(f"GDAL wrote a VRT without a band for {levels[0]}")
+    for level in levels[1:]:
+        overview = ElementTree.SubElement(band, "Overview")
+        ElementTree.SubElement(overview, "SourceFilename", relativeToVRT="0").text = str(
+            level.absolute())
+        ElementTree.SubElement(overview, "SourceBand").text = "1"
+    tree.write(vrt)
 
 
 def _block_windows(
@@ -455,16 +567,6 @@ def _block_windows(
     for r0 in range(0, shape[0], steps[0]):
         for c0 in range(0, shape[1], steps[1]):
             yield (r0, min(r0 + steps[0], shape[0])), (c0, min(c0 + steps[1], shape[1]))
-
-
-def _overview_factors(shape: tuple[int, int], blocksize: int) -> list[int]:
-    """Powers of two until the smallest overview fits in one block (as GDAL's COG driver does)."""
-    factors = []
-    factor = 2
-    while max(shape) > blocksize * (factor // 2):
-        factors.append(factor)
-        factor *= 2
-    return factors
 
 
 def _cog_tags(geo: _StoreGeo) -> dict[str, str]:

@@ -17,7 +17,15 @@ from rasterio.crs import CRS
 from pipeline.errors import OutputError
 from pipeline.grid import Box, Span
 from pipeline.labels import LabelClass
-from pipeline.writers import LabelStoreSpec, create_label_store, write_cog, write_labels
+from pipeline.overviews import pyramid, tile_levels
+from pipeline.writers import (
+    LabelStoreSpec,
+    create_label_store,
+    create_overview_store,
+    write_cog,
+    write_labels,
+    write_overviews,
+)
 
 SHAPE = (700, 530)
 CHUNKS = (256, 256)
@@ -345,6 +353,55 @@ def test_cog_overviews_invent_no_class(tmp_path, caplog):
         assert 2 not in np.unique(values[: 280 // factor, 120 // factor :])  # no averaged 1 and 3
         assert (values[-(-300 // factor) :, -(-300 // factor) :] == 2).all()
         assert (values[:, : 100 // factor] == NODATA).all()
+
+
+def _cog_levels(tif: Path) -> list[np.ndarray]:
+    with rasterio.open(tif) as src:
+        levels = [src.read(1)]
+        count = len(src.overviews(1))
+    for level in range(count):
+        with rasterio.open(tif, overview_level=level) as ovr:
+            levels.append(ovr.read(1))
+    return levels
+
+
+@pytest.mark.parametrize("chunks", [(128, 128), (96, 160), (100, 128), (90, 128)])
+def test_cog_overviews_from_the_tiles_equal_the_whole_maps(tmp_path, chunks):
+    """Tiles that wrote their share of the first levels give the COG the same pyramid
+    as the whole map's; the remaining levels are computed from the last stored one."""
+    shape = (700, 530)
+    labels = label_map(shape, seed=3)
+    labels[200:600, 100:400] = 2  # fields big enough to survive several levels
+    spec = make_spec(shape=shape, chunks=chunks)
+    store = written_store(tmp_path, labels, spec)
+    levels = tile_levels(shape, chunks, 3)
+    assert levels == {(128, 128): 3, (96, 160): 3, (100, 128): 2, (90, 128): 1}[chunks]
+    ovr = tmp_path / "overviews.zarr"
+    create_overview_store(ovr, shape, chunks, levels, np.dtype(np.uint8), NODATA)
+    for box in chunk_boxes(shape, chunks):
+        write_overviews(ovr, box, pyramid(labels[box.slices()], NODATA, levels))
+    from_tiles, computed = tmp_path / "tiles.tif", tmp_path / "computed.tif"
+    write_cog(store, from_tiles, blocksize=64, overviews=ovr)
+    write_cog(store, computed, blocksize=64)
+    expected = [labels, *pyramid(labels, NODATA, 4)]
+    for got in (_cog_levels(from_tiles), _cog_levels(computed)):
+        assert len(got) == 5  # 700 px down to one 64 px block: factors 2 .. 16
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+    assert_cloud_optimized(from_tiles)
+
+
+def test_overviews_refuse_a_tile_off_their_grid(tmp_path):
+    ovr = tmp_path / "overviews.zarr"
+    create_overview_store(ovr, (64, 64), (16, 16), 2, np.dtype(np.uint8), NODATA)
+    box = Box(Span(2, 18), Span(0, 16))
+    with pytest.raises(OutputError, match="4x4 grid of overview level 2"):
+        write_overviews(ovr, box, pyramid(np.zeros((16, 16), np.uint8), NODATA, 2))
+    other = tmp_path / "other.zarr"
+    create_overview_store(other, (60, 64), (16, 16), 2, np.dtype(np.uint8), NODATA)
+    store = written_store(tmp_path, label_map((64, 64)), make_spec(shape=(64, 64), chunks=(16, 16)))
+    with pytest.raises(OutputError, match="overviews of a"):
+        write_cog(store, tmp_path / "x.tif", blocksize=16, overviews=other)
 
 
 def test_cog_without_crs_keeps_the_transform(tmp_path):
