@@ -52,6 +52,10 @@ GRID_MAPPING = "spatial_ref"
 #: GDAL block cache while making a COG: bounds its memory whatever the scene size.
 COG_CACHE_BYTES = 256 * 2**20
 
+#: Chunks are written even when they hold only the fill value: a tile writes its chunk
+#: once, and comparing every chunk with the fill value first costs more than writing it.
+_WRITE_CONFIG = {"write_empty_chunks": True}
+
 _CONSOLIDATED_V3_WARNING = "Consolidated metadata is currently not part in the Zarr format 3"
 
 
@@ -238,7 +242,7 @@ def write_labels(
     nodata; ``probabilities`` has ``(n_classes, *core.shape)``.
     """
     group = _open_store(path, mode="r+")
-    array = _member(group, LABELS, path)
+    array = _member(group, LABELS, path).with_config(_WRITE_CONFIG)
     _check_chunk(path, core, array.shape, array.chunks)
     attrs = array.attrs.asdict()
     block = _checked_labels(path, core, labels, len(attrs["class_names"]), attrs["nodata"])
@@ -259,7 +263,8 @@ def write_labels(
     try:
         array[core.slices()] = block.astype(array.dtype, copy=False)
         if scores is not None:
-            _member(group, PROBABILITIES, path)[(slice(None), *core.slices())] = scores.astype(
+            _member(group, PROBABILITIES, path).with_config(_WRITE_CONFIG)[
+                (slice(None), *core.slices())] = scores.astype(
                 np.float16, copy=False
             )
     except OSError as exc:
@@ -300,7 +305,8 @@ def write_overviews(path: str | Path, core: Box, levels: list[np.ndarray]) -> No
                 f"level {level} in {path}"
             )
     group = _open_store(path, mode="r+")
-    arrays = [_member(group, str(2**level), path) for level in range(1, len(levels) + 1)]
+    arrays = [_member(group, str(2**level), path).with_config(_WRITE_CONFIG)
+              for level in range(1, len(levels) + 1)]
     try:
         for level, (array, block) in enumerate(zip(arrays, levels), start=1):
             r0, c0 = core.rows.start // 2**level, core.cols.start // 2**level
