@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
+from typing import Any
 
+import dask.config
+import yaml
 from distributed import Client, LocalCluster
 
 from pipeline.errors import ConfigError
@@ -40,6 +44,22 @@ def default_workers(threads_per_worker: int, gpu: bool) -> int:
     return max(1, cores // threads_per_worker)
 
 
+def worker_config() -> dict[str, Any]:
+    """The Dask settings of ``pipeline/data/dask.yaml`` as dotted keys for ``dask.config.set``."""
+    text = resources.files("pipeline").joinpath("data", "dask.yaml").read_text(encoding="utf-8")
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Mapping[str, Any]) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk("", yaml.safe_load(text))
+    return flat
+
+
 @contextmanager
 def connect(spec: ClusterSpec) -> Iterator[Client]:
     """A Dask client for the run, closed (and any embedded cluster shut down) on exit."""
@@ -57,16 +77,18 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
     workers = spec.workers or default_workers(spec.threads_per_worker, spec.gpu)
     # A free port for the dashboard (and the scheduler's HTTP routes), so concurrent runs
     # on one machine never fight over 8787.
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=spec.threads_per_worker,
-        processes=True,
-        dashboard_address=":0",
-        resources={GPU_RESOURCE: 1} if spec.gpu else None,
-        silence_logs=logging.CRITICAL,  # a failed tile is reported once, by the run
-    )
+    with dask.config.set(worker_config()):  # read when the nannies are made
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=spec.threads_per_worker,
+            processes=True,
+            dashboard_address=":0",
+            resources={GPU_RESOURCE: 1} if spec.gpu else None,
+            silence_logs=logging.CRITICAL,  # a failed tile is reported once, by the run
+        )
     try:
         with Client(cluster) as client:
             yield client
     finally:
         cluster.close()
+

@@ -553,3 +553,10 @@ def test_the_image_runs_fcn_pipeline_as_a_fixed_non_root_user_without_secrets() 
     assert "--mount=type=secret" not in text
     copied = [l.split()[1:-1] for l in lines if l.startswith("COPY ")]
     assert sorted(p for c in copied for p in c) == ["README.md", "pipeline", "pyproject.toml"]
+
+
+def test_the_image_gives_dask_workers_the_packaged_settings() -> None:
+    _, steps, _ = _dockerfile()
+    assert "cp pipeline/data/dask.yaml /etc/dask/fcn-pipeline.yaml" in steps
+    assert steps.index("cp pipeline/data/dask.yaml /etc/dask/fcn-pipeline.yaml") < steps.index(
+        "rm -rf /src")
