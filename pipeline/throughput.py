@@ -555,15 +555,20 @@ def _in_memory(bench: BenchModel, result: dict[str, Any], gpu: dict[str, Any],
 
 
 def ratios(result: Mapping[str, Any]) -> dict[str, float | None]:
-    """(c)/(a), (b)/(a), (c)/(d) of the Mpx/s figures; None where (c) did not run."""
+    """(c)/(a), (b)/(a), (c)/(d), (b)/(d) of the Mpx/s figures, and (c) on the run's own
+    time (without start-up and shutdown) over (a) and (d); None where (c) did not run."""
     raw = result["raw"]["mpx_per_s"]
     tiled = result["tiled"]["mpx_per_s"]
     sliding = result["sliding"]["mpx_per_s"]
     run = (result.get("run") or {}).get("mpx_per_s")
+    scene = (result.get("run") or {}).get("scene_mpx_per_s")
     return {
         "run_over_raw": run / raw if run else None,
+        "run_scene_over_raw": scene / raw if scene else None,
         "tiled_over_raw": tiled / raw,
         "run_over_sliding": run / sliding if run else None,
+        "run_scene_over_sliding": scene / sliding if scene else None,
+        "tiled_over_sliding": tiled / sliding,
     }
 
 
@@ -611,8 +616,10 @@ def render_throughput(result: Mapping[str, Any]) -> str:
         f"{sliding['seconds']:>8.2f} {sliding['mpx_per_s'] / raw['mpx_per_s']:>6.2f}  "
         f"window {sliding['window']} px, {sliding['computed_ratio']:.3f} px computed per px; "
         f"max |dev| {sliding['max_abs_deviation']:.2g} on {crop} px",
-        f"ratios: (c)/(a) {_fmt(ratio['run_over_raw'])}  (b)/(a) {_fmt(ratio['tiled_over_raw'])}  "
-        f"(c)/(d) {_fmt(ratio['run_over_sliding'])}",
+        f"ratios: (c)/(a) {_fmt(ratio['run_over_raw'])} (run's own time "
+        f"{_fmt(ratio['run_scene_over_raw'])})  (b)/(a) {_fmt(ratio['tiled_over_raw'])}  "
+        f"(c)/(d) {_fmt(ratio['run_over_sliding'])} (run's own time "
+        f"{_fmt(ratio['run_scene_over_sliding'])})  (b)/(d) {_fmt(ratio['tiled_over_sliding'])}",
         "raw by input size: " + ", ".join(f"{k} px {v:.2f}" for k, v in raw["by_size"].items())
         + " Mpx/s",
         f"whole-image logits range {result['whole_logit_range'][0]:.3g} .. "

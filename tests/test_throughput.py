@@ -61,11 +61,18 @@ def test_ratios_are_consistent(demo_result: dict) -> None:
     r = demo_result["ratios"]
     assert r["tiled_over_raw"] == pytest.approx(
         demo_result["tiled"]["mpx_per_s"] / demo_result["raw"]["mpx_per_s"])
+    assert r["tiled_over_sliding"] == pytest.approx(
+        demo_result["tiled"]["mpx_per_s"] / demo_result["sliding"]["mpx_per_s"])
     assert r["run_over_raw"] is None and r["run_over_sliding"] is None
-    fake = dict(demo_result, run={"mpx_per_s": 0.5})
+    assert r["run_scene_over_raw"] is None and r["run_scene_over_sliding"] is None
+    fake = dict(demo_result, run={"mpx_per_s": 0.5, "scene_mpx_per_s": 0.8})
     assert ratios(fake)["run_over_raw"] == pytest.approx(0.5 / demo_result["raw"]["mpx_per_s"])
     assert ratios(fake)["run_over_sliding"] == pytest.approx(
         0.5 / demo_result["sliding"]["mpx_per_s"])
+    assert ratios(fake)["run_scene_over_raw"] == pytest.approx(
+        0.8 / demo_result["raw"]["mpx_per_s"])
+    assert ratios(fake)["run_scene_over_sliding"] == pytest.approx(
+        0.8 / demo_result["sliding"]["mpx_per_s"])
 
 
 def test_tiled_is_exact_and_sliding_is_not(demo_result: dict) -> None:
