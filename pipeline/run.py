@@ -70,6 +70,9 @@ class SceneResult:
     attempts: int = 0
     skipped: bool = False
     outputs: dict[str, str] = field(default_factory=dict)
+    #: Seconds the scene's tasks spent reading windows, running the model, writing
+    #: chunks, and publishing (COG and store), summed over tasks and reading threads.
+    work_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def megapixels_per_second(self) -> float:
@@ -449,6 +452,10 @@ def _track(submitted: dict[int, SceneFutures], results: list[SceneResult], start
             stats = future.result()
             result.inferred += stats.inferred
             result.seconds = time.time() - scene_start[k]
+            result.work_seconds = {
+                "read": round(stats.read_seconds, 3), "model": round(stats.model_seconds, 3),
+                "write": round(stats.write_seconds, 3), "publish": round(stats.seconds, 3),
+            }
             result.status = "done"
             on_scene()
             continue

@@ -59,12 +59,21 @@ class SceneTarget:
 
 @dataclass(frozen=True)
 class BatchStats:
-    """What a tile task did."""
+    """What a tile task did, and where its time went.
+
+    ``read_seconds`` (summed over the reading threads, which overlap the rest),
+    ``model_seconds`` (normalising, the forward pass, labels and scores back on the
+    host) and ``write_seconds`` (Zarr chunks, overview levels, tile records);
+    ``seconds`` is the task's wall time.
+    """
 
     tiles: int
     inferred: int
     pixels: int
     seconds: float
+    read_seconds: float = 0.0
+    model_seconds: float = 0.0
+    write_seconds: float = 0.0
 
 
 def _valid(spec: ModelSpec, data: np.ndarray, scene_valid: np.ndarray) -> np.ndarray:
@@ -81,10 +90,13 @@ def _prepare_torch(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _read(spec: ModelSpec, target: SceneTarget, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-    """A tile's model input and the validity of its core."""
+def _read(spec: ModelSpec, target: SceneTarget,
+          tile: Tile) -> tuple[np.ndarray, np.ndarray, float]:
+    """A tile's raw window, the validity of its core, and the seconds it took."""
+    start = time.perf_counter()
     data, scene_valid = read_window(target.scene, tile.window, spec.bands)
-    return data, _valid(spec, data, scene_valid)[tile.crop.slices()]
+    valid = _valid(spec, data, scene_valid)[tile.crop.slices()]
+    return data, valid, time.perf_counter() - start
 
 
 def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, ...]) -> BatchStats:
@@ -101,25 +113,40 @@ def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, .
     spec, model = cached_model(model_ref.spec_path, model_ref.sha256, model_ref.device,
                                channels_last=model_ref.channels_last, compile=model_ref.compile)
     inferred = 0
+    read_s = model_s = write_s = 0.0
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="read") as pool:
         reads = [pool.submit(_read, spec, target, tile) for tile in tiles]
         groups: dict[tuple[int, int], list[tuple[Tile, np.ndarray, np.ndarray]]] = defaultdict(list)
         for tile, read in zip(tiles, reads):
-            data, valid = read.result()
+            data, valid, seconds = read.result()
+            read_s += seconds
             if not valid.any():
+                t0 = time.perf_counter()
                 _write(target, tile, np.full(tile.core.shape, spec.nodata_output), None, spec)
+                write_s += time.perf_counter() - t0
                 continue
+            t0 = time.perf_counter()
             groups[tile.window.shape].append((tile, normalize(data, spec), valid))
+            model_s += time.perf_counter() - t0
         for members in groups.values():
-            _infer(model_ref, model, spec, target, members)
+            seconds = _infer(model_ref, model, spec, target, members)
+            model_s += seconds[0]
+            write_s += seconds[1]
             inferred += len(members)
     pixels = sum(t.core.area for t in tiles)
-    return BatchStats(len(tiles), inferred, pixels, time.perf_counter() - start)
+    return BatchStats(len(tiles), inferred, pixels, time.perf_counter() - start,
+                      read_s, model_s, write_s)
 
 
 def _infer(model_ref: ModelRef, model: torch.nn.Module, spec: ModelSpec, target: SceneTarget,
-           members: list[tuple[Tile, np.ndarray, np.ndarray]]) -> None:
-    """One forward pass over windows of one shape; crop, mask and write each tile."""
+           members: list[tuple[Tile, np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """One forward pass over windows of one shape; crop, mask and write each tile.
+
+    Returns the seconds spent on the model (input copy, forward pass, labels and
+    scores on the host) and on writing.
+    """
+    start = time.perf_counter()
+    writing = 0.0
     batch = torch.from_numpy(np.stack([x for _, x, _ in members]))
     cuda = model_ref.device.startswith("cuda")
     if cuda:
@@ -142,7 +169,10 @@ def _infer(model_ref: ModelRef, model: torch.nn.Module, spec: ModelSpec, target:
                 probs = torch.softmax(crop.float(), dim=1)[0].to(torch.float16)
                 tile_probs = probs.cpu().numpy()
                 tile_probs[:, ~valid] = np.nan
+            t0 = time.perf_counter()
             _write(target, tile, block, tile_probs, spec)
+            writing += time.perf_counter() - t0
+    return time.perf_counter() - start - writing, writing
 
 
 def _write(target: SceneTarget, tile: Tile, labels: np.ndarray, probs: np.ndarray | None,
@@ -159,12 +189,12 @@ def _write(target: SceneTarget, tile: Tile, labels: np.ndarray, probs: np.ndarra
 
 def publish_scene(store: str, overviews: str | None, cog: str, published_store: str,
                   work_dir: str, *batches: BatchStats) -> BatchStats:
-    """Publish a scene whose tiles are all written; sum its tile stats.
+    """Publish a scene whose tiles are all written; sum its tile stats (``seconds``
+    is the publication's own).
 
     The COG is made from the work store and the overview levels the tiles
-    built (under a temporary name, renamed
-    into place), then the store itself is moved into place and the work
-    folder removed. A kill in between leaves the work to redo on the next
+    built (under a temporary name, renamed into place), then the store itself
+    is moved into place and the work folder removed. A kill in between leaves the work to redo on the next
     run, never a published store that is incomplete.
     """
     start = time.perf_counter()
@@ -176,4 +206,7 @@ def publish_scene(store: str, overviews: str | None, cog: str, published_store: 
         inferred=sum(b.inferred for b in batches),
         pixels=sum(b.pixels for b in batches),
         seconds=time.perf_counter() - start,
+        read_seconds=sum(b.read_seconds for b in batches),
+        model_seconds=sum(b.model_seconds for b in batches),
+        write_seconds=sum(b.write_seconds for b in batches),
     )

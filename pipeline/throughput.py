@@ -330,11 +330,12 @@ def run_end_to_end(command: list[str], out: Path, pixels: int) -> dict[str, Any]
     """(c) Run the CLI; Mpx/s over its wall time, peak RSS of its process tree and the
     seconds the run itself reports (from submitting tiles to the published COG)."""
     code, peak, seconds = peak_tree_rss(command)
-    reported = None
+    reported, work = None, None
     manifest = out / RUN_MANIFEST
     if manifest.is_file():
         scenes = json.loads(manifest.read_text(encoding="utf-8")).get("scenes", [])
         reported = scenes[0].get("seconds") if scenes else None
+        work = scenes[0].get("work_seconds") if scenes else None
     return {
         "exit_code": code,
         "seconds": seconds,
@@ -342,6 +343,7 @@ def run_end_to_end(command: list[str], out: Path, pixels: int) -> dict[str, Any]
         "scene_seconds": reported,
         "scene_mpx_per_s": pixels / reported / 1e6 if code == 0 and reported else None,
         "peak_rss_bytes": peak,
+        "work_seconds": work or None,
     }
 
 
@@ -609,6 +611,11 @@ def render_throughput(result: Mapping[str, Any]) -> str:
             f" peak RSS {_mib(run['peak_rss_bytes'])}; run's own time {_fmt(run['scene_seconds'], '.1f')} s "
             f"({_fmt(run['scene_mpx_per_s'])} Mpx/s); {result['workers']} workers x "
             f"{result['threads_per_worker']} threads")
+        work = run.get("work_seconds")
+        if work:
+            lines.append(
+                f"{'':<34} tasks' seconds: read {work['read']:.1f} (in reading threads), model "
+                f"{work['model']:.1f}, write {work['write']:.1f}, publish {work['publish']:.1f}")
     else:
         lines.append(f"{'(c) fcn-pipeline run, end to end':<34} {'skipped':>8}")
     lines += [

@@ -46,6 +46,11 @@ def test_run_succeeds_and_reports(tiled_run) -> None:
     assert len(manifest["model"]["sha256"]) == 64
     assert manifest["config"]["tiling"]["tile_size"] == 128
     assert manifest["versions"]["torch"]
+    for scene in manifest["scenes"]:  # where the time went, per step
+        work = scene["work_seconds"]
+        assert set(work) == {"read", "model", "write", "publish"}
+        assert all(v > 0 for v in work.values())
+        assert work["model"] + work["write"] < 2 * scene["seconds"]  # two workers at most
 
 
 def test_zarr_store_is_georeferenced_for_xarray(tiled_run, scenes: Path) -> None:

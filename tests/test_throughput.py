@@ -166,6 +166,8 @@ def test_everything_once_with_the_real_run(tmp_path) -> None:  # type: ignore[no
     assert run["mpx_per_s"] == pytest.approx(256 * 256 / run["seconds"] / 1e6)
     assert run["peak_rss_bytes"] > 0
     assert run["scene_seconds"] is None or run["scene_seconds"] <= run["seconds"]
+    assert set(run["work_seconds"]) == {"read", "model", "write", "publish"}
+    assert all(_positive(v) for v in run["work_seconds"].values())
     assert result["tile_size"] >= 128 and result["tile_reason"].startswith("auto")
     assert result["ratios"]["run_over_raw"] == pytest.approx(
         run["mpx_per_s"] / result["raw"]["mpx_per_s"])
@@ -173,6 +175,7 @@ def test_everything_once_with_the_real_run(tmp_path) -> None:  # type: ignore[no
         run["mpx_per_s"] / result["sliding"]["mpx_per_s"])
     assert result["tiled"]["max_abs_deviation"] <= 1e-4
     assert "(c) fcn-pipeline run" in render_throughput(result)
+    assert "tasks' seconds: read" in render_throughput(result)
 
 
 @pytest.mark.slow
