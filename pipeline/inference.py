@@ -8,6 +8,8 @@ the model on the whole image at once.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,6 +191,38 @@ def activation_bytes(model: nn.Module, input_shape: tuple[int, int, int], batch:
         for handle in handles:
             handle.remove()
     return peak
+
+
+def window_speeds(model: nn.Module, channels: int, windows: list[tuple[int, int]],
+                  threads: int, *, time_limit: float = 2.0) -> dict[tuple[int, int], float]:
+    """Forward speed (input pixels per second) of ``model`` on windows of each shape,
+    smallest first, with ``threads`` torch threads: the best of two passes after a
+    warm-up. Stops once ``time_limit`` seconds are spent or a pass takes a quarter of
+    it; shapes not reached are left out.
+    """
+    speeds: dict[tuple[int, int], float] = {}
+    device = _device_of(model)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for shape in sorted(set(windows), key=lambda s: s[0] * s[1]):
+                x = torch.rand((1, channels, *shape), device=device)
+                best = math.inf
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    model(x)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    best = min(best, time.perf_counter() - t0)
+                speeds[shape] = shape[0] * shape[1] / best
+                spent = time.perf_counter() - start
+                if spent > time_limit or best > time_limit / 4:
+                    break
+    finally:
+        torch.set_num_threads(old)
+    return speeds
 
 
 def weight_bytes(model: nn.Module) -> int:

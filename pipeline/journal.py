@@ -5,6 +5,10 @@ Inside the output directory::
     run.json                  the manifest (replaced atomically)
     STEM.tif, STEM.zarr       published outputs: they appear only when complete
     .fcn-pipeline/lock        held (flock) by the run writing this directory
+    .fcn-pipeline/.window-speeds.json
+                              the model's measured speed per window size, per model
+                              and threads: the automatic tile size of every later run
+                              into this directory comes from the same figures
     .fcn-pipeline/STEM/       the work of a scene not yet published:
         fingerprint.json      what decides its outputs (input, model, settings)
         labels.zarr/          the label store being filled, one chunk per tile
@@ -90,6 +94,43 @@ def locked(out_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+SPEEDS = ".window-speeds.json"
+
+
+def _speeds_path(out_dir: Path) -> Path:
+    return out_dir / WORK / SPEEDS
+
+
+def load_window_speeds(out_dir: Path, key: str) -> dict[tuple[int, int], float] | None:
+    """The window speeds measured for ``key`` by an earlier run into ``out_dir``."""
+    path = _speeds_path(out_dir)
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError):
+        return None  # unreadable: measured again
+    if not stored:
+        return None
+    speeds = {}
+    for shape, speed in stored.items():
+        rows, _, cols = shape.partition("x")
+        speeds[(int(rows), int(cols))] = float(speed)
+    return speeds
+
+
+def save_window_speeds(out_dir: Path, key: str, speeds: Mapping[tuple[int, int], float]) -> None:
+    """Remember ``speeds`` for ``key`` in ``out_dir`` (kept beside other keys' figures)."""
+    path = _speeds_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        stored = {}
+    stored[key] = {f"{r}x{c}": speed for (r, c), speed in sorted(speeds.items())}
+    _write_json(path, stored)
 
 
 def clean_leftovers(out_dir: Path) -> list[Path]:

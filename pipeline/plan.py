@@ -137,22 +137,24 @@ class TileChoice:
 
 
 #: The automatic choice takes the smallest tile whose estimated throughput is within this
-#: fraction of the best: smaller windows run faster per pixel on CPUs (their activations
-#: stay in cache), which the estimate does not model, and leave more tasks to balance.
+#: fraction of the best: the estimate is rough, and smaller tiles need less memory and
+#: leave more tasks to balance.
 TILE_TOLERANCE = 0.03
 
 
 def choose_tile_size(shapes: list[tuple[int, int]], field: ReceptiveField, workers: int,
-                     memory_of: Callable[[int], int], budget: int) -> TileChoice:
+                     memory_of: Callable[[int], int], budget: int,
+                     speed_of: Callable[[int], float] | None = None) -> TileChoice:
     """The smallest tile size within :data:`TILE_TOLERANCE` of the best estimated
     throughput, among those whose task memory fits ``budget``.
 
     Throughput is estimated as parallel efficiency (all ``workers`` busy:
-    ``tiles / (workers * ceil(tiles / workers))``) over halo overhead (pixels
-    computed per pixel output): bigger tiles cut the overhead until there are
-    too few of them to keep every worker busy or a task no longer fits. Past
-    the point where the overhead hardly falls, the smaller tile wins.
-    ``memory_of(tile)`` estimates one task's peak bytes.
+    ``tiles / (workers * ceil(tiles / workers))``) times the model's speed on the
+    tile's windows (``speed_of(tile)``, pixels per second; the same for every size
+    when not given) over halo overhead (pixels computed per pixel output): bigger
+    tiles cut the overhead until there are too few of them to keep every worker
+    busy, a task no longer fits, or, on CPUs, windows outgrow the caches and run
+    slower per pixel. ``memory_of(tile)`` estimates one task's peak bytes.
     """
     if not shapes:
         return TileChoice(TILE_CANDIDATES[0], "no scene to plan")
@@ -168,10 +170,12 @@ def choose_tile_size(shapes: list[tuple[int, int]], field: ReceptiveField, worke
         tiles = sum(len(g) for g in grids)
         overhead = sum(g.computed_pixels for g in grids) / sum(r * c for r, c in shapes)
         efficiency = tiles / (workers * math.ceil(tiles / workers))
-        scored.append((efficiency / overhead, size, (
+        speed = speed_of(size) if speed_of else 1.0
+        measured = f", windows at {speed / 1e6:.2f} Mpx/s measured" if speed_of else ""
+        scored.append((efficiency * speed / overhead, size, (
             f"{need / 2**20:.0f} MiB needed of {budget / 2**20:.0f} MiB per task: "
             f"{tiles} tiles for {workers} workers (efficiency {efficiency:.2f}), "
-            f"halo overhead {overhead:.3f}")))
+            f"halo overhead {overhead:.3f}{measured}")))
     if not scored:
         smallest = sizes[0]
         raise ConfigError(

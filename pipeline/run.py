@@ -23,18 +23,21 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, ModelError, PipelineError
 from pipeline.graph import SceneFutures, submit_scene
 from pipeline.grid import TileGrid
-from pipeline.inference import activation_bytes, output_shape, weight_bytes
+from pipeline.inference import activation_bytes, output_shape, weight_bytes, window_speeds
 from pipeline.journal import (
     FINGERPRINT_ATTR,
     SceneRecord,
     clean_leftovers,
     fingerprint,
+    load_window_speeds,
     locked,
+    save_window_speeds,
     write_manifest,
 )
 from pipeline.model import build_model
 from pipeline.modelspec import ModelSpec, load_spec, verify_weights
 from pipeline.plan import (
+    TILE_CANDIDATES,
     MemoryEstimate,
     ScenePlan,
     TileChoice,
@@ -192,21 +195,64 @@ def _default_budget(config: RunConfig, device: str) -> int:
     return min(CPU_TASK_BUDGET, int(psutil.virtual_memory().total * 0.6 / workers))
 
 
+@dataclass(frozen=True)
+class _Tiling:
+    """The tile choice and, where they were measured now, the window speeds behind it."""
+
+    choice: TileChoice
+    speeds_key: str | None = None
+    measured: dict[tuple[int, int], float] | None = None
+
+
+def _speed_lookup(speeds: dict[tuple[int, int], float]) -> Callable[[tuple[int, int]], float]:
+    """Speed of a window: as measured, else that of the largest measured window not
+    bigger (beyond the measured sizes the last speed is assumed to hold)."""
+    ordered = sorted(speeds, key=lambda s: s[0] * s[1])
+
+    def speed(window: tuple[int, int]) -> float:
+        if window in speeds:
+            return speeds[window]
+        smaller = [s for s in ordered if s[0] * s[1] <= window[0] * window[1]]
+        return speeds[smaller[-1] if smaller else ordered[0]]
+
+    return speed
+
+
 def _choose_tiles(infos: list[SceneInfo], config: RunConfig, model: _Model,
-                  device: str) -> TileChoice:
+                  device: str, out_dir: Path) -> _Tiling:
     if config.tile_size is not None:
-        return TileChoice(config.tile_size, "as given")
+        return _Tiling(TileChoice(config.tile_size, "as given"))
     workers = config.workers or default_workers(config.threads_per_worker, device == "cuda")
     field = model.field
+    halo = field.halo()
+    budget = _default_budget(config, device)
+
+    def window(tile: int) -> tuple[int, int]:
+        return tuple(align_up(tile + halo.before[k] + halo.after[k], field.align[k])  # type: ignore[return-value]
+                     for k in (0, 1))
 
     def memory_of(tile: int) -> int:
-        halo = field.halo()
-        window = tuple(align_up(tile + halo.before[k] + halo.after[k], field.align[k])
-                       for k in (0, 1))
-        return _memory(model, window, config.batch_size).total  # type: ignore[arg-type]
+        return _memory(model, window(tile), config.batch_size).total
 
-    return choose_tile_size([i.shape for i in infos], field, workers, memory_of,
-                            _default_budget(config, device))
+    shapes = [i.shape for i in infos]
+    if device != "cpu" or not shapes:
+        # GPUs run bigger windows no slower per pixel; the client may not even have one.
+        return _Tiling(choose_tile_size(shapes, field, workers, memory_of, budget))
+    key = fingerprint({"model_sha256": model.sha256, "device": device,
+                       "threads_per_worker": config.threads_per_worker})
+    speeds = load_window_speeds(out_dir, key)
+    measured = None
+    if speeds is None:
+        largest = max(max(s) for s in shapes)
+        windows = [window(t) for t in TILE_CANDIDATES
+                   if t <= align_up(largest, max(field.align)) and memory_of(t) <= budget]
+        speeds = measured = window_speeds(model.module, len(model.spec.bands),
+                                          windows or [window(TILE_CANDIDATES[0])],
+                                          config.threads_per_worker)
+    lookup = _speed_lookup(speeds)
+    choice = choose_tile_size(shapes, field, workers, memory_of, budget,
+                              speed_of=lambda tile: lookup(window(tile)))
+    return _Tiling(choice, key, measured)
 
 
 def _versions() -> dict[str, str]:
@@ -318,7 +364,8 @@ def run(config: RunConfig, *, dry_run: bool = False,
             infos[k] = _open_scene(path, config, model)
         except PipelineError as exc:
             result.status, result.error = "failed", str(exc)
-    choice = _choose_tiles(list(infos.values()), config, model, device)
+    tiling = _choose_tiles(list(infos.values()), config, model, device, out_dir)
+    choice = tiling.choice
     plans: dict[int, ScenePlan] = {}
     for k, info in infos.items():
         grid = TileGrid.build(info.shape, info.shape, model.field, choice.size)
@@ -340,6 +387,8 @@ def run(config: RunConfig, *, dry_run: bool = False,
 
     with locked(out_dir):
         clean_leftovers(out_dir)
+        if tiling.measured is not None and tiling.speeds_key is not None:
+            save_window_speeds(out_dir, tiling.speeds_key, tiling.measured)
         work = _prepare_work(plans, results, model, config, device, out_dir)
         for k, item in work.items():
             results[k].attempts = item.record.add_attempt()

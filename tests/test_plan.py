@@ -41,3 +41,18 @@ def test_the_smallest_tile_within_the_tolerance_wins() -> None:
                               budget=10**12)
     assert choice.size == 1024  # 8 px halos: 768 px tiles compute 3.9 % more, 1024 px 2.8 %
     assert "within 3% of the best" in choice.reason
+
+
+def test_measured_window_speed_can_beat_a_smaller_halo_overhead() -> None:
+    # Windows past 1100 px run at half speed (caches): 1024 px tiles win over 2048,
+    # although 2048 px tiles compute fewer halo pixels.
+    def speed(tile: int) -> float:
+        return 2e7 if tile + 64 <= 1100 else 1e7
+
+    choice = choose_tile_size([(8192, 8192)], FIELD, workers=2, memory_of=lambda t: t * t,
+                              budget=10**12, speed_of=speed)
+    assert choice.size == 1024
+    assert "windows at 20.00 Mpx/s measured" in choice.reason
+    without = choose_tile_size([(8192, 8192)], FIELD, workers=2, memory_of=lambda t: t * t,
+                               budget=10**12)
+    assert without.size > 1024

@@ -134,6 +134,33 @@ def test_dry_run_prints_the_plan_and_computes_nothing(scenes: Path, tmp_path: Pa
     assert not out.exists()
 
 
+def test_auto_tile_size_is_measured_once_per_output_directory(scenes: Path,
+                                                              tmp_path: Path) -> None:
+    """On a CPU the model's speed per window size is measured by the first run into a
+    directory and kept there: later runs (resumes, reruns) plan the same tiles."""
+    out = tmp_path / "auto"
+    scene = str(scenes / "scene-000.tif")
+    dry = run_cli("run", scene, "--out", str(out), "--dry-run", "--threads-per-worker", "1")
+    assert dry.returncode == 0, dry.stderr
+    assert "measured" in dry.stdout.splitlines()[0]
+    assert not out.exists()  # a dry run measures but writes nothing
+
+    done = run_cli("run", scene, "--out", str(out), "--workers", "1")
+    assert done.returncode == 0, done.stderr
+    stored = out / ".fcn-pipeline" / ".window-speeds.json"
+    figures = json.loads(stored.read_text())
+    (speeds,) = figures.values()
+    assert speeds and all(v > 0 for v in speeds.values())
+
+    # Figures that make only the smallest window fast decide the next plan.
+    smallest = min(speeds, key=lambda s: int(s.split("x")[0]))
+    stored.write_text(json.dumps({key: {k: (1e9 if k == smallest else 1.0) for k in v}
+                                  for key, v in figures.items()}))
+    again = run_cli("run", scene, "--out", str(out), "--dry-run")
+    first_line = again.stdout.splitlines()[0]
+    assert "windows at 1000.00 Mpx/s measured" in first_line, first_line
+
+
 def test_a_bad_scene_fails_alone(scenes: Path, tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.tif"
     bogus.write_text("not a raster")
