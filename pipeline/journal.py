@@ -12,6 +12,7 @@ Inside the output directory::
     .fcn-pipeline/STEM/       the work of a scene not yet published:
         fingerprint.json      what decides its outputs (input, model, settings)
         labels.zarr/          the label store being filled, one chunk per tile
+        overviews.zarr/       the first overview levels of the COG, one chunk per tile
         tiles/I-J             an empty file per tile written (also all-nodata ones)
         attempts              how many runs have worked on it
 

@@ -3,7 +3,8 @@
 A task receives paths, boxes and a model reference (spec path + weights
 sha256 + device), never open files or weights. It reads only its windows,
 runs the model its worker process loaded once (:func:`cached_model`), crops
-each window's output to its core tile and writes that tile's Zarr chunk.
+each window's output to its core tile and writes that tile's Zarr chunk and its
+share of the COG's overview levels.
 """
 
 from __future__ import annotations
