@@ -14,6 +14,7 @@ import dask.config
 import yaml
 from distributed import Client, LocalCluster
 
+from pipeline.config import usable_cores
 from pipeline.errors import ConfigError
 
 #: The Dask resource that inference tasks ask for on a GPU run.
@@ -40,8 +41,7 @@ def default_workers(threads_per_worker: int, gpu: bool) -> int:
         import torch  # only to count devices; the cluster itself does not need torch
 
         return max(1, torch.cuda.device_count())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // threads_per_worker)
+    return max(1, usable_cores() // threads_per_worker)
 
 
 def worker_config() -> dict[str, Any]:
@@ -75,13 +75,13 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
             client.close()
         return
     workers = spec.workers or default_workers(spec.threads_per_worker, spec.gpu)
-    # A free port for the dashboard (and the scheduler's HTTP routes), so concurrent runs
-    # on one machine never fight over 8787.
     with dask.config.set(worker_config()):  # read when the nannies are made
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=spec.threads_per_worker,
             processes=True,
+            # A free port for the dashboard (and the scheduler's HTTP routes), so
+            # concurrent runs on one machine never fight over 8787.
             dashboard_address=":0",
             resources={GPU_RESOURCE: 1} if spec.gpu else None,
             silence_logs=logging.CRITICAL,  # a failed tile is reported once, by the run
@@ -91,4 +91,3 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
             yield client
     finally:
         cluster.close()
-

@@ -103,6 +103,13 @@ class RunConfig:
         return tree
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def parse_bytes(text: str | int) -> int:
     """Bytes from an int or a string such as ``2GiB``, ``512 MiB`` or ``1.5GB``."""
     if isinstance(text, int) and not isinstance(text, bool):

@@ -209,8 +209,11 @@ def window_speeds(model: nn.Module, channels: int, windows: list[tuple[int, int]
         with torch.inference_mode():
             for shape in sorted(set(windows), key=lambda s: s[0] * s[1]):
                 x = torch.rand((1, channels, *shape), device=device)
+                model(x)  # warm-up, not timed
                 best = math.inf
-                for _ in range(3):
+                for _ in range(2):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
                     t0 = time.perf_counter()
                     model(x)
                     if device.type == "cuda":

@@ -20,6 +20,7 @@ import numpy as np
 #: Side of a COG block, and of the smallest overview.
 COG_BLOCKSIZE = 512
 
+
 def overview_factors(shape: tuple[int, int], blocksize: int) -> list[int]:
     """Powers of two until the smallest overview fits in one block (as GDAL's COG driver does)."""
     factors = []

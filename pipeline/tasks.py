@@ -24,8 +24,8 @@ from pipeline.journal import publish_store, record_tile
 from pipeline.labels import label_dtype
 from pipeline.model import cached_model
 from pipeline.modelspec import ModelSpec, normalize
-from pipeline.readers import read_window
 from pipeline.overviews import pyramid
+from pipeline.readers import read_window
 from pipeline.writers import write_cog, write_labels, write_overviews
 
 
@@ -156,14 +156,15 @@ def _infer(model_ref: ModelRef, model: torch.nn.Module, spec: ModelSpec, target:
     if model_ref.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     dtype = model_ref.autocast_dtype
-    label_dtype = torch.uint8 if len(spec.classes) <= 255 else torch.int32
+    # uint8 labels where they fit; wider ones go through int32 (_write casts to the store's).
+    index_dtype = torch.uint8 if len(spec.classes) <= 255 else torch.int32
     with torch.inference_mode():
         with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype is not None):
             scores = model(batch)
         for k, (tile, _, valid) in enumerate(members):
             rows, cols = tile.crop.slices()
             crop = scores[k:k + 1, :, rows, cols]
-            block = class_labels(crop, label_dtype)[0].cpu().numpy()
+            block = class_labels(crop, index_dtype)[0].cpu().numpy()
             block[~valid] = spec.nodata_output
             tile_probs = None
             if target.probabilities:
@@ -195,8 +196,8 @@ def publish_scene(store: str, overviews: str | None, cog: str, published_store: 
 
     The COG is made from the work store and the overview levels the tiles
     built (under a temporary name, renamed into place), then the store itself
-    is moved into place and the work folder removed. A kill in between leaves the work to redo on the next
-    run, never a published store that is incomplete.
+    is moved into place and the work folder removed. A kill in between leaves
+    the work to redo on the next run, never a published store that is incomplete.
     """
     start = time.perf_counter()
     write_cog(store, cog, overviews=overviews)

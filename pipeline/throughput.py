@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import resource
 import shutil
@@ -45,6 +44,7 @@ import yaml
 from torch import nn
 
 from pipeline.benchmark import peak_tree_rss
+from pipeline.config import usable_cores
 from pipeline.errors import ConfigError, ModelError
 from pipeline.inference import activation_bytes, output_shape, plan_tiles, predict_tiled
 from pipeline.model import build_model, save_weights
@@ -65,12 +65,6 @@ BUILTIN_NORMALIZATION = {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3}
 RUN_MANIFEST = "run.json"
 
 Log = Callable[[str], Any]
-
-
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- the model
@@ -463,7 +457,7 @@ def throughput_benchmark(
     Returns:
         A JSON-serialisable dict; :func:`render_throughput` prints it.
     """
-    threads = threads or _cores()
+    threads = threads or usable_cores()
     cuda = device.startswith("cuda")
     workers = workers or (1 if cuda else threads)
     per_worker = 1 if cuda else max(1, threads // workers)

@@ -24,11 +24,11 @@ import json
 import os
 import uuid
 import warnings
-from xml.etree import ElementTree
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 import rasterio
@@ -39,6 +39,7 @@ from rasterio.crs import CRS
 from rasterio.enums import Compression
 from rasterio.errors import CRSError, RasterioError
 
+from pipeline.config import usable_cores
 from pipeline.errors import OutputError
 from pipeline.grid import Box
 from pipeline.labels import LabelClass, label_dtype
@@ -426,7 +427,7 @@ def write_cog(store: str | Path, tif: str | Path, *, blocksize: int = COG_BLOCKS
     factors = overview_factors(geo.labels.shape, blocksize)
     stored = _stored_overviews(overviews, geo, len(factors)) if overviews is not None else []
     staged: list[Path] = []
-    threads = str(_cores())
+    threads = str(usable_cores())
     try:
         with rasterio.Env(GDAL_CACHEMAX=COG_CACHE_BYTES, GDAL_NUM_THREADS=threads):
             compress = _best_compression()
@@ -460,12 +461,6 @@ def write_cog(store: str | Path, tif: str | Path, *, blocksize: int = COG_BLOCKS
         for path in staged:
             for leftover in (path, path.with_name(path.name + ".aux.xml")):
                 leftover.unlink(missing_ok=True)
-
-
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _read_store_geo(store: str | Path) -> _StoreGeo:

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import yaml
 import zarr
 from distributed import Client, LocalCluster, wait
 
@@ -15,29 +13,22 @@ from pipeline.analysis import receptive_field
 from pipeline.graph import scene_token, submit_scene
 from pipeline.grid import TileGrid
 from pipeline.journal import SceneRecord
-from pipeline.model import save_weights
-from pipeline.models import unet_small
 from pipeline.modelspec import load_spec
 from pipeline.plan import ScenePlan, outputs_for
 from pipeline.readers import open_scene
 from pipeline.samples import write_sample_scenes
 from pipeline.tasks import ModelRef
+from pipeline.throughput import write_builtin_spec
 from pipeline.writers import LabelStoreSpec, create_label_store
 
 
 @pytest.fixture(scope="module")
 def tiny_spec(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    folder = tmp_path_factory.mktemp("spec")
-    torch.manual_seed(0)
-    digest = save_weights(unet_small(base=2, depth=2).eval(), folder / "unet.safetensors")
-    spec = {
-        "schema": 1, "name": "tiny-unet", "architecture": "unet-small",
-        "arguments": {"base": 2, "depth": 2}, "weights": "unet.safetensors", "sha256": digest,
-        "bands": [1, 2, 3], "normalization": {"scale": 0.004, "mean": [0.5] * 3, "std": [0.25] * 3},
-        "classes": [{"name": f"c{k}", "color": [40 * k, 80, 120]} for k in range(4)],
-    }
-    path = folder / "unet.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    """A 2-level U-Net of 4 classes with random weights: its spec and weights' sha256."""
+    path = write_builtin_spec("unet-small", tmp_path_factory.mktemp("spec"),
+                              {"base": 2, "depth": 2})
+    digest = load_spec(path).sha256
+    assert digest is not None
     return path, digest
 
 

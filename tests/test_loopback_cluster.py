@@ -159,24 +159,30 @@ def _assert_summary_done(stdout: str, stems: tuple[str, ...]) -> None:
         assert rows[0].split()[5] == "done", rows[0]  # scene, size, tiles, seconds, Mpx/s, status
 
 
-def _run_observed(loopback: Loopback, *args: str) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
-    """Run the CLI on the loopback scheduler; the scheduler's task records of that run."""
+def _run_observed(loopback: Loopback, stems: tuple[str, ...],
+                  *args: str) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
+    """Run the CLI on the loopback scheduler and check that ``stems`` are done; the
+    scheduler's task records of that run."""
     with get_task_stream(client=loopback.observer) as stream:
         done = run_cli("run", *args, "--scheduler", loopback.address, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{loopback.log_text()}"
+    _assert_summary_done(done.stdout, stems)
     return done, list(stream.data)
+
+
+def _keyed(records: list[dict], prefix: str) -> list[dict]:
+    return [r for r in records if str(r["key"]).startswith(prefix)]
 
 
 def test_gpu_resource_run_sends_inference_to_the_gpu_worker(
         loopback: Loopback, scenes: Path, tmp_path: Path) -> None:
     out = tmp_path / "remote"
-    done, records = _run_observed(loopback, str(scenes / "*.tif"), "--out", str(out),
-                                  "--device", "cpu", "--gpu-resource", "--tile-size", "64")
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{loopback.log_text()}"
-    _assert_summary_done(done.stdout, ("scene-000", "scene-001"))
+    done, records = _run_observed(loopback, ("scene-000", "scene-001"), str(scenes / "*.tif"),
+                                  "--out", str(out), "--device", "cpu", "--gpu-resource",
+                                  "--tile-size", "64")
     assert "tiles 32/32 (100%)" in done.stderr
 
-    predict = [r for r in records if str(r["key"]).startswith("predict-")]
-    publish = [r for r in records if str(r["key"]).startswith("publish-")]
+    predict, publish = _keyed(records, "predict-"), _keyed(records, "publish-")
     assert predict, records
     assert {r["worker"] for r in predict} == {loopback.gpu_worker}, \
         [(r["key"], r["worker"]) for r in predict if r["worker"] != loopback.gpu_worker]
@@ -204,12 +210,11 @@ def test_gpu_resource_run_sends_inference_to_the_gpu_worker(
 def test_run_without_gpu_resource_on_the_loopback_cluster(
         loopback: Loopback, scenes: Path, tmp_path: Path) -> None:
     out = tmp_path / "plain"
-    done, records = _run_observed(loopback, str(scenes / "scene-000.tif"), "--out", str(out),
-                                  "--device", "cpu", "--no-gpu-resource", "--tile-size", "64")
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{loopback.log_text()}"
-    _assert_summary_done(done.stdout, ("scene-000",))
-    predict = [r for r in records if str(r["key"]).startswith("predict-")]
+    _, records = _run_observed(loopback, ("scene-000",), str(scenes / "scene-000.tif"),
+                               "--out", str(out), "--device", "cpu", "--no-gpu-resource",
+                               "--tile-size", "64")
+    predict = _keyed(records, "predict-")
     assert len(predict) == 16, [r["key"] for r in records]  # 4x4 tiles of 64, one a task
     assert {r["worker"] for r in predict} <= {loopback.gpu_worker, loopback.cpu_worker}
-    assert [r for r in records if str(r["key"]).startswith("publish-scene-000-")]
+    assert _keyed(records, "publish-scene-000-")
     assert (out / "scene-000.tif").is_file()
