@@ -29,7 +29,6 @@ from torch import fx, nn
 from pipeline.errors import ModelAnalysisError
 from pipeline.receptive import ReceptiveField
 
-
 Step = tuple[Fraction, Fraction, Fraction]
 Steps = tuple[Step, Step]
 
@@ -51,7 +50,7 @@ class _Scalar:
 
 
 _SCALAR = _Scalar()
-_IDENTITY: Steps = ((Fraction(0), Fraction(0), Fraction(1)),) * 2  # type: ignore[assignment]
+_IDENTITY: Steps = ((Fraction(0), Fraction(0), Fraction(1)),) * 2
 
 _ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -96,7 +95,8 @@ def _conv_padding(conv: nn.Conv2d, name: str) -> tuple[int, int]:
     if conv.padding == "valid":
         return (0, 0)
     if conv.padding == "same":
-        return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))  # type: ignore[return-value]
+        k, d = conv.kernel_size, conv.dilation
+        return (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
     return _pair(conv.padding)
 
 
@@ -123,7 +123,9 @@ def _upsample_steps(scale: Any, mode: str, align_corners: Any, where: str) -> tu
     steps = []
     for f in factors:
         if float(f) != int(f) or int(f) < 1:
-            raise ModelAnalysisError(f"{where} has scale factor {f}; only integer factors are exact")
+            raise ModelAnalysisError(
+                f"{where} has scale factor {f}; only integer factors are exact"
+            )
         sf = int(f)
         if mode == "nearest":
             steps.append((Fraction(-(sf - 1), sf), Fraction(0), Fraction(1, sf)))
@@ -132,7 +134,9 @@ def _upsample_steps(scale: Any, mode: str, align_corners: Any, where: str) -> tu
             centre = Fraction(1, 2 * sf) - Fraction(1, 2)
             steps.append((centre - reach, centre + reach, Fraction(1, sf)))
         else:
-            raise ModelAnalysisError(f"{where} uses interpolation mode {mode!r}, which is not supported")
+            raise ModelAnalysisError(
+                f"{where} uses interpolation mode {mode!r}, which is not supported"
+            )
     return steps[0], steps[1]
 
 
@@ -165,7 +169,7 @@ def _module_steps(module: nn.Module, name: str) -> tuple[Step, Step] | None:
     if isinstance(module, nn.ConvTranspose2d):
         k, s, p, d = (_pair(v) for v in (module.kernel_size, module.stride, module.padding,
                                           module.dilation))
-        return tuple(_transposed_step(k[i], s[i], p[i], d[i]) for i in (0, 1))  # type: ignore[return-value]
+        return (_transposed_step(k[0], s[0], p[0], d[0]), _transposed_step(k[1], s[1], p[1], d[1]))
     if isinstance(module, nn.MaxPool2d):
         return _conv_like(module.kernel_size, module.stride or module.kernel_size, module.padding,
                           module.dilation)
@@ -232,12 +236,13 @@ class _Analyzer:
 
     def merge(self, values: list[Any], where: str) -> _Tensor | _Scalar:
         """An element-wise combination: the hull of its tensor arguments."""
-        nodes = [v for v in values if self.tensor(v) is not None]
-        if not nodes:
+        found = [(v, t) for v in values if (t := self.tensor(v)) is not None]
+        if not found:
             return _SCALAR
-        stride = self.values[nodes[0]].stride  # type: ignore[union-attr]
-        for other in nodes[1:]:
-            other_stride = self.values[other].stride  # type: ignore[union-attr]
+        nodes = [v for v, _ in found]
+        stride = found[0][1].stride
+        for _, other in found[1:]:
+            other_stride = other.stride
             if other_stride != stride:
                 raise ModelAnalysisError(
                     f"{where} combines tensors at different strides {tuple(map(str, stride))} "
@@ -248,12 +253,12 @@ class _Analyzer:
     def step(self, node: fx.Node, steps: Steps | None) -> _Tensor | _Scalar:
         source = node.args[0]
         tensor = self.tensor(source)
-        if tensor is None:
+        if tensor is None or not isinstance(source, fx.Node):  # a tensor is always a Node
             return _SCALAR
         if steps is None:
             steps = _IDENTITY
         stride = (tensor.stride[0] * steps[0][2], tensor.stride[1] * steps[1][2])
-        return _Tensor(stride, ((source, steps),))  # type: ignore[arg-type]
+        return _Tensor(stride, ((source, steps),))
 
     def run(self) -> fx.Node:
         """Analyse every node; return the node whose tensor the model returns."""
@@ -276,13 +281,15 @@ class _Analyzer:
                 result = node.args[0]
                 if self.tensor(result) is None:
                     raise ModelAnalysisError(f"{self.name} does not return a single spatial tensor")
-                return result  # type: ignore[return-value]
+                return result
             else:  # pragma: no cover - fx has no other ops
                 raise ModelAnalysisError(f"unknown graph op {node.op}")
             self.values[node] = value
         raise ModelAnalysisError(f"{self.name} has no output")  # pragma: no cover
 
-    def needs(self, output: fx.Node, axis: int, index: int) -> dict[fx.Node | None, tuple[int, int]]:
+    def needs(
+        self, output: fx.Node, axis: int, index: int
+    ) -> dict[fx.Node | None, tuple[int, int]]:
         """Indices of every tensor that output element ``index`` depends on, along one axis.
 
         Integer intervals propagated backwards through the graph; the entry for
@@ -328,9 +335,10 @@ class _Analyzer:
         if target is torch.cat or target is torch.concat:
             dim = _arg(node, 1, "dim", 0)
             tensors = node.args[0]
-            if dim not in (0, 1, -3, -4) and any(self.tensor(t) is not None for t in tensors):  # type: ignore[union-attr]
+            assert isinstance(tensors, (list, tuple))  # torch.cat takes a sequence of tensors
+            if dim not in (0, 1, -3, -4) and any(self.tensor(t) is not None for t in tensors):
                 raise ModelAnalysisError(f"{where} concatenates along spatial dim {dim}")
-            return self.merge(list(tensors), where)  # type: ignore[arg-type]
+            return self.merge(list(tensors), where)
         if target in (F.interpolate, F.upsample):
             mode = _arg(node, 3, "mode", "nearest")
             steps = _upsample_steps(_arg(node, 2, "scale_factor"), mode,
@@ -339,14 +347,17 @@ class _Analyzer:
                 raise ModelAnalysisError(f"{where} resizes to a size, which depends on the input")
             return self.step(node, steps)
         if target is F.pad:
-            return self.step(node, _pad_steps(_arg(node, 1, "pad"), _arg(node, 2, "mode", "constant"), where))
+            pad = _pad_steps(_arg(node, 1, "pad"), _arg(node, 2, "mode", "constant"), where)
+            return self.step(node, pad)
         if target in (F.max_pool2d, torch.max_pool2d):
             k = _arg(node, 1, "kernel_size")
             return self.step(node, _conv_like(k, _arg(node, 2, "stride") or k,
-                                              _arg(node, 3, "padding", 0), _arg(node, 4, "dilation", 1)))
+                                              _arg(node, 3, "padding", 0),
+                                              _arg(node, 4, "dilation", 1)))
         if target is F.avg_pool2d:
             k = _arg(node, 1, "kernel_size")
-            return self.step(node, _conv_like(k, _arg(node, 2, "stride") or k, _arg(node, 3, "padding", 0)))
+            return self.step(node, _conv_like(k, _arg(node, 2, "stride") or k,
+                                              _arg(node, 3, "padding", 0)))
         if target in (torch.softmax, F.softmax, F.log_softmax, torch.log_softmax, torch.argmax):
             if not _dim_is_channel(_arg(node, 1, "dim")):
                 raise ModelAnalysisError(f"{where} reduces over a dim other than the channels")
@@ -492,7 +503,9 @@ def receptive_field(model: nn.Module) -> ReceptiveField:
     name = type(model).__name__
     analyzer = _Analyzer(_trace(model), name)
     output = analyzer.run()
-    out_stride = analyzer.values[output].stride  # type: ignore[union-attr]
+    out_tensor = analyzer.tensor(output)
+    assert out_tensor is not None  # run() checked that the output is a spatial tensor
+    out_stride = out_tensor.stride
     tensors = {n: v for n, v in analyzer.values.items() if isinstance(v, _Tensor)}
     aligns = []
     for k in (0, 1):
@@ -531,8 +544,9 @@ def receptive_field(model: nn.Module) -> ReceptiveField:
         strides.append(stride)
         reaches.append(tuple(reach))
     return ReceptiveField(
-        size=tuple(sizes), stride=tuple(strides), offset=tuple(offsets),  # type: ignore[arg-type]
-        align=tuple(aligns), reach=tuple(reaches),  # type: ignore[arg-type]
+        size=(sizes[0], sizes[1]), stride=(strides[0], strides[1]),
+        offset=(offsets[0], offsets[1]), align=(aligns[0], aligns[1]),
+        reach=(reaches[0], reaches[1]),
     )
 
 

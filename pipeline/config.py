@@ -73,7 +73,9 @@ class RunConfig:
         if self.batch_size < 1:
             raise ConfigError(f"tiling.batch_size must be at least 1, got {self.batch_size}")
         if self.device not in DEVICES:
-            raise ConfigError(f"compute.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise ConfigError(
+                f"compute.device must be one of {', '.join(DEVICES)}, got {self.device!r}"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"compute.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
@@ -85,7 +87,7 @@ class RunConfig:
                 f"compute.threads_per_worker must be at least 1, got {self.threads_per_worker}"
             )
 
-    def with_overrides(self, **values: Any) -> "RunConfig":
+    def with_overrides(self, **values: Any) -> RunConfig:
         """A copy with the non-``None`` values replaced."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
@@ -120,7 +122,9 @@ def parse_bytes(text: str | int) -> int:
     try:
         return int(float(number) * _UNITS[unit])
     except (ValueError, KeyError):
-        raise ConfigError(f"{text!r} is not a size in bytes (examples: 2GiB, 512MiB, 1000000)") from None
+        raise ConfigError(
+            f"{text!r} is not a size in bytes (examples: 2GiB, 512MiB, 1000000)"
+        ) from None
 
 
 def _coerce(where: str, value: Any, kind: type) -> Any:
@@ -134,7 +138,9 @@ def _coerce(where: str, value: Any, kind: type) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "1", "true", "yes", "on", "0", "false", "no", "off"
+        ):
             return value.lower() in ("1", "true", "yes", "on")
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):

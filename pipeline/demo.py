@@ -202,7 +202,8 @@ def _band_statistics(images: torch.Tensor) -> Normalization:
 
     Rounded to 4 decimals: the spec stores them, and training uses the stored values.
     """
-    count, total, squares = 0, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    count = 0
+    total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for image in images:
         values = image[:, (image != 0).any(dim=0)].double() / 255.0  # every band >= 1 inside
         count += values.shape[1]
@@ -256,7 +257,8 @@ def train_demo(
     )
     normalization = _band_statistics(images)
     counts = np.bincount(targets, minlength=len(CLASSES))
-    log(f"{len(targets)} patches from {scenes} scenes of {scene_size} px; per class {counts.tolist()}")
+    log(f"{len(targets)} patches from {scenes} scenes of {scene_size} px; "
+        f"per class {counts.tolist()}")
 
     def patches(pick: np.ndarray) -> torch.Tensor:
         return _crop_batch(images, centres[pick])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -43,7 +44,7 @@ def _feature_shape(classifier: nn.Module, flatten_input: fx.Node, input_size: tu
             self.shape = shape
 
     class _Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node):  # type: ignore[no-untyped-def]
+        def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
             if n is flatten_input:
                 raise _Reached(tuple(out.shape))  # nothing after the flatten needs to run
@@ -62,7 +63,8 @@ def _feature_shape(classifier: nn.Module, flatten_input: fx.Node, input_size: tu
         raise ModelAnalysisError("the classifier never computed its flatten input")
     if len(shape) != 4:
         raise ModelAnalysisError(
-            f"the classifier flattens a tensor of shape {shape}; convolutionalize needs (N, C, H, W)"
+            f"the classifier flattens a tensor of shape {shape}; "
+            "convolutionalize needs (N, C, H, W)"
         )
     return shape[1], shape[2], shape[3]
 
@@ -79,7 +81,7 @@ def _linear_to_conv(linear: nn.Linear, kernel: tuple[int, int], channels: int) -
     conv = conv.to(dtype=linear.weight.dtype, device=linear.weight.device)
     with torch.no_grad():
         conv.weight.copy_(linear.weight.reshape(linear.out_features, channels, *kernel))
-        if linear.bias is not None:
+        if linear.bias is not None and conv.bias is not None:  # both or neither
             conv.bias.copy_(linear.bias)
     return conv
 
@@ -94,7 +96,9 @@ def _batchnorm1d_to_2d(bn: nn.BatchNorm1d) -> nn.BatchNorm2d:
     return new.train(bn.training)
 
 
-def convolutionalize(classifier: nn.Module, input_size: int | tuple[int, int]) -> fx.GraphModule:
+def convolutionalize(
+    classifier: nn.Module, input_size: int | tuple[int, int]
+) -> fx.GraphModule:
     """A fully convolutional copy of ``classifier``, trained on ``input_size`` patches.
 
     The classifier must be conv/pool features, then a flatten, then ``Linear``
@@ -102,7 +106,9 @@ def convolutionalize(classifier: nn.Module, input_size: int | tuple[int, int]) -
     them. The original module is left untouched. On a training-size input the
     result has shape ``(N, classes, 1, 1)`` and equals the classifier.
     """
-    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    size = (input_size, input_size) if isinstance(input_size, int) else (
+        input_size[0], input_size[1]
+    )
     try:
         gm = fx.symbolic_trace(copy.deepcopy(classifier))
     except Exception as exc:  # tracing failures come in many types
@@ -149,10 +155,13 @@ def convolutionalize(classifier: nn.Module, input_size: int | tuple[int, int]) -
         if _after(node, flatten) and node.op in ("call_function", "call_method") \
                 and node.target not in (operator.add, torch.relu, "relu", torch.nn.functional.relu):
             raise ModelAnalysisError(
-                f"operation '{node.name}' ({node.target}) after the flatten cannot be convolutionalized"
+                f"operation '{node.name}' ({node.target}) after the flatten cannot be "
+                "convolutionalized"
             )
     if first:
-        raise ModelAnalysisError(f"{type(classifier).__name__} has no Linear layer after its flatten")
+        raise ModelAnalysisError(
+            f"{type(classifier).__name__} has no Linear layer after its flatten"
+        )
     flatten.replace_all_uses_with(source)
     gm.graph.erase_node(flatten)
     gm.graph.lint()

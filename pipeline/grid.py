@@ -35,7 +35,7 @@ class Span:
     def slice(self) -> slice:
         return slice(self.start, self.stop)
 
-    def shift(self, by: int) -> "Span":
+    def shift(self, by: int) -> Span:
         return Span(self.start + by, self.stop + by)
 
 
@@ -142,7 +142,7 @@ class TileGrid:
         field: ReceptiveField,
         tile_size: int | Pair,
         halo: Halo | int | Pair | None = None,
-    ) -> "TileGrid":
+    ) -> TileGrid:
         """Tiles of about ``tile_size`` input pixels a side for a scene.
 
         ``halo=None`` takes the field's derived halo; an explicit halo
@@ -161,8 +161,10 @@ class TileGrid:
             reaches = field.phase_reach
         else:
             used = Halo.of(halo)
-            reaches = tuple(((used.before[k], used.after[k]),) for k in (0, 1))
-        tile_out = tuple(math.ceil(t / s) for t, s in zip(tile_in, field.stride))
+            reaches = (((used.before[0], used.after[0]),), ((used.before[1], used.after[1]),))
+        tile_out = (
+            math.ceil(tile_in[0] / field.stride[0]), math.ceil(tile_in[1] / field.stride[1])
+        )
         axes = [
             plan_axis(
                 scene_shape[k],
@@ -175,9 +177,9 @@ class TileGrid:
             for k in (0, 1)
         ]
         return cls(
-            scene_shape=tuple(scene_shape),  # type: ignore[arg-type]
-            output_shape=tuple(output_shape),  # type: ignore[arg-type]
-            tile_shape=tile_out,  # type: ignore[arg-type]
+            scene_shape=(scene_shape[0], scene_shape[1]),
+            output_shape=(output_shape[0], output_shape[1]),
+            tile_shape=tile_out,
             stride=field.stride,
             align=field.align,
             halo=used,

@@ -64,7 +64,9 @@ def _containers(spec: Mapping[str, Any], role: str, source: str) -> list[Mapping
     return containers
 
 
-def _main_container(containers: list[Mapping[str, Any]], role: str) -> tuple[int, Mapping[str, Any]]:
+def _main_container(
+    containers: list[Mapping[str, Any]], role: str
+) -> tuple[int, Mapping[str, Any]]:
     """The container named after its role ("worker"), else the first one."""
     for k, container in enumerate(containers):
         if container.get("name") == role:
@@ -73,7 +75,7 @@ def _main_container(containers: list[Mapping[str, Any]], role: str) -> tuple[int
 
 
 def worker_resources(command: list[str]) -> dict[str, float]:
-    """The Dask resources a ``dask worker`` command line advertises (``--resources "GPU=1 X=2"``)."""
+    """The Dask resources a ``dask worker`` command advertises (``--resources "GPU=1 X=2"``)."""
     found: dict[str, float] = {}
     values: list[str] = []
     for k, arg in enumerate(command):
@@ -100,10 +102,14 @@ def _gpu_limit(container: Mapping[str, Any], where: str) -> int:
     try:
         return int(str(raw))
     except ValueError as exc:
-        raise ConfigError(f"{where}.resources.limits.{GPU_LIMIT} must be a whole number, got {raw!r}") from exc
+        raise ConfigError(
+            f"{where}.resources.limits.{GPU_LIMIT} must be a whole number, got {raw!r}"
+        ) from exc
 
 
-def check_cluster_spec(spec: Any, *, source: str = "cluster spec", gpu: bool | None = None) -> dict[str, Any]:
+def check_cluster_spec(
+    spec: Any, *, source: str = "cluster spec", gpu: bool | None = None
+) -> dict[str, Any]:
     """Check a DaskCluster resource; return it. See ``load_cluster_spec``."""
     spec = _mapping(spec, f"{source}: the document")
     if spec.get("apiVersion") != API_VERSION or spec.get("kind") != KIND:
@@ -159,16 +165,16 @@ def named_cluster_spec(spec: Mapping[str, Any], name: str | None = None) -> dict
     and ignores its ``name`` argument, so the name is set here, and the
     scheduler service's selector follows it.
     """
-    spec = copy.deepcopy(dict(check_cluster_spec(spec)))
-    base = spec["metadata"]["name"]
+    named = copy.deepcopy(dict(check_cluster_spec(spec)))
+    base = named["metadata"]["name"]
     if name is None:
         name = f"{base[:_MAX_NAME - 7]}-{secrets.token_hex(3)}"
     _check_name(name, "cluster name")
-    spec["metadata"]["name"] = name
-    selector = spec["spec"]["scheduler"]["service"].get("selector")
+    named["metadata"]["name"] = name
+    selector = named["spec"]["scheduler"]["service"].get("selector")
     if isinstance(selector, dict) and CLUSTER_LABEL in selector:
         selector[CLUSTER_LABEL] = name
-    return spec
+    return named
 
 
 def kube_cluster(spec: Mapping[str, Any], *, name: str | None = None) -> Any:

@@ -83,8 +83,10 @@ def cached_model(spec_path: str, sha256: str, device: str, *, channels_last: boo
                 )
             module = _assemble(spec, data, device)
             if channels_last:
-                module = module.to(memory_format=torch.channels_last)
+                # Module.to takes memory_format at runtime; torch's overloads omit it
+                module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             if compile:
+                # an OptimizedModule (an nn.Module), but typed as a plain callable
                 module = torch.compile(module)  # type: ignore[assignment]
             entry = _MODELS[key] = (spec, module)
     return entry
@@ -187,7 +189,7 @@ def _import_factory(spec: ModelSpec) -> Callable[..., Any]:
             "architecture",
             f"{spec.architecture}: {attribute} is a {type(target).__name__}, not a callable",
         )
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def _instantiate(spec: ModelSpec) -> nn.Module:

@@ -16,7 +16,7 @@ starts and stops taken from another tensor's ``.size(k)``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,7 @@ def _vgg16_features(channels: Sequence[int]) -> nn.Sequential:
     if len(channels) != 5:
         raise ModelError(f"VGG16 needs 5 block widths, got {len(channels)}: {tuple(channels)}")
     c_ins = (3, *channels[:-1])
-    blocks = OrderedDict(
+    blocks: OrderedDict[str, nn.Module] = OrderedDict(
         (f"block{i + 1}", _vgg_block(i + 1, c_ins[i], channels[i], VGG16_DEPTHS[i]))
         for i in range(5)
     )
@@ -118,9 +118,9 @@ class FCN16s(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Scores ``(N, num_classes, H, W)`` for an input ``(N, 3, H, W)``."""
-        f = self.features
-        pool4 = f.block4(f.block3(f.block2(f.block1(x))))
-        up2 = self.upscore2(self.head(f.block5(pool4)))
+        block = self.features.get_submodule
+        pool4 = block("block4")(block("block3")(block("block2")(block("block1")(x))))
+        up2 = self.upscore2(self.head(block("block5")(pool4)))
         p4 = self.score_pool4(pool4)
         fuse4 = up2 + p4[:, :, 5 : 5 + up2.size(2), 5 : 5 + up2.size(3)]
         up = self.upscore16(fuse4)
@@ -142,10 +142,10 @@ class FCN8s(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Scores ``(N, num_classes, H, W)`` for an input ``(N, 3, H, W)``."""
-        f = self.features
-        pool3 = f.block3(f.block2(f.block1(x)))
-        pool4 = f.block4(pool3)
-        up2 = self.upscore2(self.head(f.block5(pool4)))
+        block = self.features.get_submodule
+        pool3 = block("block3")(block("block2")(block("block1")(x)))
+        pool4 = block("block4")(pool3)
+        up2 = self.upscore2(self.head(block("block5")(pool4)))
         p4 = self.score_pool4(pool4)
         fuse4 = up2 + p4[:, :, 5 : 5 + up2.size(2), 5 : 5 + up2.size(3)]
         up4 = self.upscore_pool4(fuse4)

@@ -39,7 +39,7 @@ class Halo:
             raise GeometryError(f"halo must not be negative, got {self}")
 
     @classmethod
-    def of(cls, value: "Halo | int | tuple[int, int]") -> "Halo":
+    def of(cls, value: Halo | int | tuple[int, int]) -> Halo:
         """A halo from an int (all sides), a ``(rows, cols)`` pair or a Halo."""
         if isinstance(value, Halo):
             return value
@@ -48,11 +48,12 @@ class Halo:
         rows, cols = value
         return cls((int(rows), int(cols)), (int(rows), int(cols)))
 
-    def shrink(self, step: Pair) -> "Halo":
+    def shrink(self, step: Pair) -> Halo:
         """This halo less ``step`` on every side (floored at zero)."""
+        b, a = self.before, self.after
         return Halo(
-            tuple(max(0, b - s) for b, s in zip(self.before, step)),  # type: ignore[arg-type]
-            tuple(max(0, a - s) for a, s in zip(self.after, step)),  # type: ignore[arg-type]
+            (max(0, b[0] - step[0]), max(0, b[1] - step[1])),
+            (max(0, a[0] - step[0]), max(0, a[1] - step[1])),
         )
 
 
@@ -116,9 +117,9 @@ class ReceptiveField:
     def required_halo(self) -> Halo:
         """The most any output cell needs beyond its own ``stride`` cell."""
         reach = self.phase_reach
-        before = tuple(max(b for b, _ in reach[k]) for k in (0, 1))
-        after = tuple(max(a for _, a in reach[k]) for k in (0, 1))
-        return Halo(before, after)  # type: ignore[arg-type]
+        before = (max(b for b, _ in reach[0]), max(b for b, _ in reach[1]))
+        after = (max(a for _, a in reach[0]), max(a for _, a in reach[1]))
+        return Halo(before, after)
 
     def halo(self) -> Halo:
         """The derived halo of a tile cut on the ``align`` grid, rounded up to ``align``.
@@ -127,7 +128,8 @@ class ReceptiveField:
         what its first and last cells need, on the stride grid.
         """
         reach = self.phase_reach
+        align = self.align
         return Halo(
-            tuple(align_up(reach[k][0][0], self.align[k]) for k in (0, 1)),  # type: ignore[arg-type]
-            tuple(align_up(reach[k][-1][1], self.align[k]) for k in (0, 1)),  # type: ignore[arg-type]
+            (align_up(reach[0][0][0], align[0]), align_up(reach[1][0][0], align[1])),
+            (align_up(reach[0][-1][1], align[0]), align_up(reach[1][-1][1], align[1])),
         )

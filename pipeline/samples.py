@@ -246,7 +246,7 @@ class _Strip:
     smooth: bool
 
     @classmethod
-    def build(cls, make: LatticeFn, cell: int, rows: Pair, cols: Pair, smooth: bool) -> "_Strip":
+    def build(cls, make: LatticeFn, cell: int, rows: Pair, cols: Pair, smooth: bool) -> _Strip:
         """``make(iy, ix)`` gives ``(k, len(iy), len(ix))`` values at lattice indices."""
         extra = 1 if smooth else 0
         (i0, i1), (j0, j1) = _cell_span(rows, cell, extra), _cell_span(cols, cell, extra)
@@ -254,7 +254,7 @@ class _Strip:
         if smooth:
             left = lattice[..., :-1]
             diff = lattice[..., 1:] - left
-            across = np.empty(left.shape + (cell,), np.float32)
+            across = np.empty((*left.shape, cell), np.float32)
             for s, t in enumerate(_steps(cell)):  # inner loops along columns, not steps
                 np.multiply(diff, t, out=across[..., s])
                 np.add(across[..., s], left, out=across[..., s])
@@ -322,7 +322,7 @@ class _Axis:
     noise: np.ndarray  # uint32: this axis's term of the per-pixel noise hash
 
     @classmethod
-    def build(cls, span: Pair, noise: Callable[[np.ndarray], np.ndarray]) -> "_Axis":
+    def build(cls, span: Pair, noise: Callable[[np.ndarray], np.ndarray]) -> _Axis:
         index = np.arange(*span)
         return cls(span[0], index % _LOT >= _HOUSE, index % _STREET < _STREET_WIDTH, noise(index))
 
@@ -343,7 +343,7 @@ class _Footprint:
     sin: float
 
     @classmethod
-    def of(cls, seed: int, shape: Pair) -> "_Footprint":
+    def of(cls, seed: int, shape: Pair) -> _Footprint:
         """The footprint of scene ``seed``: 0.3 to 1 % margins, rotated so that the
         border is 5 to 15 % of the raster (1.25 to 3 degrees on a square raster).
         """
@@ -393,7 +393,7 @@ class _Region:
     footprint: tuple[np.ndarray, np.ndarray, np.ndarray]  # per row lo, hi; per column x
 
     @classmethod
-    def build(cls, seed: int, rows: Pair, cols: Pair, scene_shape: Pair) -> "_Region":
+    def build(cls, seed: int, rows: Pair, cols: Pair, scene_shape: Pair) -> _Region:
         key = np.uint32(_key(seed, "pixel"))
         return cls(
             _Strip.build(lambda i, j: _field_nodes(seed, i, j), _FIELD_NODE, rows, cols, True),
@@ -519,7 +519,10 @@ def render(seed: int, rows: Pair, cols: Pair, scene_shape: Pair) -> tuple[np.nda
     for r0, r1 in _spans(*rows, _CHUNK[0]):
         for c0, c1 in _spans(*cols, _CHUNK[1]):
             out = np.s_[r0 - rows[0] : r1 - rows[0], c0 - cols[0] : c1 - cols[0]]
-            _render_chunk(region, (r0, r1), (c0, c1), image[(slice(None), *out)], labels[out])
+            # a named tuple, not image[(slice(None), *out)]: mypy reads a starred
+            # subscript as 3.11-only syntax even when parenthesised
+            bands = (slice(None), *out)
+            _render_chunk(region, (r0, r1), (c0, c1), image[bands], labels[out])
     return image, labels
 
 

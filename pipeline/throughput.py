@@ -94,7 +94,9 @@ def write_builtin_spec(name: str, directory: Path, arguments: Mapping[str, Any] 
     from pipeline.models import ARCHITECTURES, build
 
     if name not in ARCHITECTURES:
-        raise ModelError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        raise ModelError(
+            f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}"
+        )
     kwargs = json.loads(json.dumps(dict(arguments or {})))  # plain lists for YAML
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -360,7 +362,7 @@ class GpuMonitor:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                import pynvml  # type: ignore[import-not-found]
+                import pynvml
             pynvml.nvmlInit()
             handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
         except Exception:  # no library, no driver: fall back
@@ -510,7 +512,9 @@ def _in_memory(bench: BenchModel, result: dict[str, Any], gpu: dict[str, Any],
     start = time.perf_counter()
     grid, _ = plan_tiles(bench.module, image.shape, tile)  # predict_tiled does this each call
     planning = time.perf_counter() - start
-    calls: dict[str, Callable[[], Any]] = {f"raw {k}": _forward(bench, x) for k, x in inputs.items()}
+    calls: dict[str, Callable[[], Any]] = {
+        f"raw {k}": _forward(bench, x) for k, x in inputs.items()
+    }
     calls["tiled"] = lambda: predict_tiled(bench.module, image, tile_size=tile)
     calls["sliding"] = lambda: predict_sliding(bench, image, tile)
     log(f"(a) raw forward at {', '.join(map(str, inputs))} px, (b) predict_tiled on {len(grid)} "
@@ -602,7 +606,8 @@ def render_throughput(result: Mapping[str, Any]) -> str:
         lines.append(
             f"{'(c) fcn-pipeline run, end to end':<34} {_fmt(run['mpx_per_s']):>8} "
             f"{run['seconds']:>8.2f} {_fmt(ratio['run_over_raw']):>6}  {failed}"
-            f" peak RSS {_mib(run['peak_rss_bytes'])}; run's own time {_fmt(run['scene_seconds'], '.1f')} s "
+            f" peak RSS {_mib(run['peak_rss_bytes'])}; "
+            f"run's own time {_fmt(run['scene_seconds'], '.1f')} s "
             f"({_fmt(run['scene_mpx_per_s'])} Mpx/s); {result['workers']} workers x "
             f"{result['threads_per_worker']} threads")
         work = run.get("work_seconds")
@@ -632,7 +637,8 @@ def render_throughput(result: Mapping[str, Any]) -> str:
         for part, figures in gpu.items():
             util = figures.get("utilisation_percent", "n/a")
             lines.append(
-                f"GPU {part}: max allocated {_mib(figures.get('max_memory_allocated_bytes', 'n/a'))}"
+                f"GPU {part}: max allocated "
+                f"{_mib(figures.get('max_memory_allocated_bytes', 'n/a'))}"
                 f", device memory used peak {_mib(figures.get('memory_used_peak_bytes', 'n/a'))}"
                 f", utilisation {util if isinstance(util, str) else f'{util:.0f} %'}")
     lines.append("(c) seconds: wall time of the command (start-up, cluster, reading, writing the "

@@ -41,7 +41,9 @@ def run_date(date: str | None = None) -> str:
     if date is None:
         return dt.datetime.now(dt.timezone.utc).date().isoformat()
     if not isinstance(date, str) or not _DATE.fullmatch(date):
-        raise ConfigError(f"date must be an ISO date YYYY-MM-DD (for example 2024-06-30), got {date!r}")
+        raise ConfigError(
+            f"date must be an ISO date YYYY-MM-DD (for example 2024-06-30), got {date!r}"
+        )
     try:
         dt.date.fromisoformat(date)
     except ValueError as exc:
@@ -168,7 +170,9 @@ def _strings(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]
     return found
 
 
-def _load(path: str | PathLike[str], date: str | None) -> tuple[dict[str, Any], Path, dict[str, int]]:
+def _load(
+    path: str | PathLike[str], date: str | None
+) -> tuple[dict[str, Any], Path, dict[str, int]]:
     path = Path(path)
     day = run_date(date)
     tree, lines = read_yaml(path, what="workflow")

@@ -37,13 +37,13 @@ class Poisoned(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Tracing (receptive-field analysis) and meta tensors (shape checks) carry no values.
-        if not isinstance(x, torch.fx.Proxy) and x.device.type != "meta":
-            if bool((x.abs() > THRESHOLD).any()):
-                log = os.environ.get(LOG_ENV)
-                if log:
-                    with open(log, "a") as f:
-                        f.write(f"{os.getpid()}\n")
-                os._exit(1)
+        if (not isinstance(x, torch.fx.Proxy) and x.device.type != "meta"
+                and bool((x.abs() > THRESHOLD).any())):
+            log = os.environ.get(LOG_ENV)
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"{os.getpid()}\n")
+            os._exit(1)
         return self.net(x)
 
 

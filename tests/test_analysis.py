@@ -3,15 +3,14 @@ paper's Table 1, the networks the analysis must refuse, and convolutionalize."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.analysis import probe_receptive_field, receptive_field
-from pipeline.fully_convolutional import convolutionalize
 from pipeline.errors import ModelAnalysisError
+from pipeline.fully_convolutional import convolutionalize
 from pipeline.inference import output_shape
 from pipeline.models import fcn8s_vgg16, fcn16s_vgg16, fcn32s_vgg16, fcn_alexnet
 from pipeline.receptive import Halo

@@ -1,4 +1,4 @@
-"""The bundled demo model: a convolutionalized patch classifier, its packaged weights, its training."""
+"""The bundled demo model: a convolutionalized patch classifier, its weights, its training."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ window's output gives back its core.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_plan_axis_properties(axis: dict) -> None:
     # Cores partition [0, n_out) exactly once, in order, in tiles of `tile` cells.
     assert parts[0].core.start == 0
     assert parts[-1].core.stop == n_out
-    for left, right in zip(parts, parts[1:]):
+    for left, right in itertools.pairwise(parts):
         assert left.core.stop == right.core.start
     assert all(p.core.size == tile for p in parts[:-1])
     assert 1 <= parts[-1].core.size <= tile
@@ -94,7 +95,7 @@ def test_plan_axis_covers_the_scene(axis: dict) -> None:
     parts = _plan(axis)
     assert parts[0].window.start == 0
     assert parts[-1].window.stop == axis["n_in"]
-    for left, right in zip(parts, parts[1:]):
+    for left, right in itertools.pairwise(parts):
         assert right.window.start <= left.window.stop
     assert sum(p.window.size for p in parts) >= axis["n_in"]
 

@@ -15,8 +15,13 @@ import yaml
 
 from pipeline.errors import ConfigError
 from pipeline.kube import (
-    GPU_RESOURCE, INSTALL_HINT, check_cluster_spec, kube_cluster, load_cluster_spec,
-    named_cluster_spec, worker_resources,
+    GPU_RESOURCE,
+    INSTALL_HINT,
+    check_cluster_spec,
+    kube_cluster,
+    load_cluster_spec,
+    named_cluster_spec,
+    worker_resources,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,12 +69,16 @@ def test_the_gpu_resource_is_the_one_tasks_ask_for() -> None:
     (["--resources", "GPU=1 MEM=4"], {"GPU": 1.0, "MEM": 4.0}),
     (["--nthreads", "1"], {}),
 ])
-def test_worker_resources_are_parsed_like_dask_worker(command: list[str], expected: dict[str, float]) -> None:
+def test_worker_resources_are_parsed_like_dask_worker(
+    command: list[str], expected: dict[str, float]
+) -> None:
     assert worker_resources(command) == expected
 
 
 def test_a_gpu_worker_must_advertise_the_gpu_resource() -> None:
-    with pytest.raises(ConfigError, match=r"containers\[0\]: the worker command must advertise .*GPU=1"):
+    with pytest.raises(
+        ConfigError, match=r"containers\[0\]: the worker command must advertise .*GPU=1"
+    ):
         check_cluster_spec(spec(args=[]), source="c.yaml")
     with pytest.raises(ConfigError, match="GPU=1"):
         check_cluster_spec(spec(args=["--resources", "GPU=2"]))
@@ -82,17 +91,20 @@ def test_asking_for_a_gpu_needs_a_gpu_limit() -> None:
 
 
 def test_a_gpu_resource_without_a_gpu_is_refused() -> None:
-    with pytest.raises(ConfigError, match="no nvidia.com/gpu"):
+    with pytest.raises(ConfigError, match=r"no nvidia\.com/gpu"):
         check_cluster_spec(spec(gpus=None))
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda s: s.update(kind="Deployment"), "expected apiVersion kubernetes.dask.org/v1 and kind DaskCluster"),
+    (lambda s: s.update(kind="Deployment"),
+     "expected apiVersion kubernetes.dask.org/v1 and kind DaskCluster"),
     (lambda s: s["spec"].pop("worker"), r"spec.worker must be a mapping"),
     (lambda s: s["spec"]["scheduler"].pop("service"), r"spec.scheduler.service"),
-    (lambda s: s["spec"]["scheduler"]["spec"].update(containers=[]), r"spec.scheduler.spec.containers must list"),
+    (lambda s: s["spec"]["scheduler"]["spec"].update(containers=[]),
+     r"spec.scheduler.spec.containers must list"),
     (lambda s: s["metadata"].update(name="Labels_1"), r"metadata.name must be a DNS label"),
-    (lambda s: s["metadata"].update(name="x" * 54), r"metadata.name must be a DNS label of at most 53"),
+    (lambda s: s["metadata"].update(name="x" * 54),
+     r"metadata.name must be a DNS label of at most 53"),
 ])
 def test_basic_structure_is_checked(edit: Any, message: str) -> None:
     bad = spec()
@@ -116,7 +128,8 @@ def test_naming_copies_the_spec_and_moves_the_selector() -> None:
     kept = copy.deepcopy(original)
     named = named_cluster_spec(original, "run-2024-06-30")
     assert named["metadata"]["name"] == "run-2024-06-30"
-    assert named["spec"]["scheduler"]["service"]["selector"]["dask.org/cluster-name"] == "run-2024-06-30"
+    selector = named["spec"]["scheduler"]["service"]["selector"]
+    assert selector["dask.org/cluster-name"] == "run-2024-06-30"
     assert original == kept
     unique = {named_cluster_spec(original)["metadata"]["name"] for _ in range(5)}
     assert len(unique) == 5 and all(n.startswith("labels-") for n in unique)
@@ -141,7 +154,8 @@ def test_kube_cluster_sends_the_checked_spec(monkeypatch: pytest.MonkeyPatch) ->
     for name, module in {
         "dask_kubernetes": types.ModuleType("dask_kubernetes"),
         "dask_kubernetes.operator": operator,
-        "dask_kubernetes.operator.kubecluster": types.ModuleType("dask_kubernetes.operator.kubecluster"),
+        "dask_kubernetes.operator.kubecluster":
+            types.ModuleType("dask_kubernetes.operator.kubecluster"),
         "dask_kubernetes.operator.kubecluster.kubecluster": kubecluster,
     }.items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -156,11 +170,14 @@ def test_kube_cluster_sends_the_checked_spec(monkeypatch: pytest.MonkeyPatch) ->
     assert sent["namespace"] == "geo"
     request = sent["custom_cluster_spec"]
     assert request["metadata"]["name"] == "nightly-1"
-    assert request["spec"]["worker"]["spec"]["containers"][0]["args"][-2:] == ["--resources", "GPU=1"]
+    worker = request["spec"]["worker"]["spec"]["containers"][0]
+    assert worker["args"][-2:] == ["--resources", "GPU=1"]
     assert source["metadata"]["name"] == "labels"
 
 
-def test_kube_cluster_without_the_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kube_cluster_without_the_extra_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setitem(sys.modules, "dask_kubernetes", None)
     monkeypatch.setitem(sys.modules, "dask_kubernetes.operator", None)
     with pytest.raises(ConfigError, match=INSTALL_HINT.replace("[", r"\[").replace("]", r"\]")):
@@ -169,7 +186,9 @@ def test_kube_cluster_without_the_extra_says_how_to_install(monkeypatch: pytest.
 
 def test_kube_cluster_matches_the_real_signature(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the installed dask_kubernetes: the keyword arguments bind to the real __init__."""
-    operator = pytest.importorskip("dask_kubernetes.operator", reason="the kubernetes extra is not installed")
+    operator = pytest.importorskip(
+        "dask_kubernetes.operator", reason="the kubernetes extra is not installed"
+    )
     from dask_kubernetes.operator.kubecluster.kubecluster import CreateMode
 
     real = operator.KubeCluster
@@ -180,8 +199,12 @@ def test_kube_cluster_matches_the_real_signature(monkeypatch: pytest.MonkeyPatch
     assert sent["custom_cluster_spec"]["metadata"]["name"].startswith("fcn-pipeline-")
 
 
-def test_a_cluster_that_cannot_be_created_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    operator = pytest.importorskip("dask_kubernetes.operator", reason="the kubernetes extra is not installed")
+def test_a_cluster_that_cannot_be_created_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    operator = pytest.importorskip(
+        "dask_kubernetes.operator", reason="the kubernetes extra is not installed"
+    )
 
     def refuse(**kwargs: Any) -> None:
         raise RuntimeError("Failed to create DaskCluster resource.")

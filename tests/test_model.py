@@ -57,19 +57,26 @@ def test_safetensors_weights_load_exactly(tmp_path: Path, reference: nn.Module) 
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth"])
-def test_pytorch_state_dict_loads_exactly(tmp_path: Path, reference: nn.Module, suffix: str) -> None:
+def test_pytorch_state_dict_loads_exactly(
+    tmp_path: Path, reference: nn.Module, suffix: str
+) -> None:
     torch.save(reference.state_dict(), tmp_path / f"tiny{suffix}")
     built = build_model(_spec(tmp_path, weights=f"tiny{suffix}"))
     assert _same_outputs(built, reference)
 
 
-def test_builtin_architecture(tmp_path: Path, reference: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_builtin_architecture(
+    tmp_path: Path, reference: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = types.ModuleType("pipeline.models")
     fake.ARCHITECTURES = {"tiny-fcn": factories.tiny}  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pipeline.models", fake)
     save_weights(reference, tmp_path / "tiny.safetensors")
     assert _same_outputs(build_model(_spec(tmp_path, architecture="tiny-fcn")), reference)
-    with pytest.raises(ModelSpecError, match=r"architecture 'fcn9s' is not a built-in architecture \(known: tiny-fcn\)"):
+    with pytest.raises(
+        ModelSpecError,
+        match=r"architecture 'fcn9s' is not a built-in architecture \(known: tiny-fcn\)",
+    ):
         build_model(_spec(tmp_path, architecture="fcn9s"))
 
 
@@ -86,7 +93,9 @@ def test_pickled_module_is_refused(tmp_path: Path, reference: nn.Module) -> None
 
 def test_training_checkpoint_is_refused(tmp_path: Path, reference: nn.Module) -> None:
     torch.save({"state_dict": reference.state_dict(), "epoch": 3}, tmp_path / "tiny.pt")
-    with pytest.raises(ModelError, match=r"not a plain state dict: 2 entries are not tensors \(state_dict, epoch\)"):
+    with pytest.raises(
+        ModelError, match=r"not a plain state dict: 2 entries are not tensors \(state_dict, epoch\)"
+    ):
         build_model(_spec(tmp_path, weights="tiny.pt"))
 
 
@@ -105,7 +114,9 @@ def test_corrupt_weights(tmp_path: Path, name: str) -> None:
 
 def test_missing_weights(tmp_path: Path) -> None:
     spec = _spec(tmp_path)
-    with pytest.raises(ModelSpecError, match="spec.yaml: weights file .*tiny.safetensors does not exist"):
+    with pytest.raises(
+        ModelSpecError, match=r"spec\.yaml: weights file .*tiny\.safetensors does not exist"
+    ):
         build_model(spec)
 
 
@@ -137,12 +148,15 @@ def test_state_dict_mismatch_names_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("architecture", "message"),
     [
-        ("tests.no_such_module:tiny", "cannot import module tests.no_such_module (ModuleNotFoundError"),
+        ("tests.no_such_module:tiny",
+         "cannot import module tests.no_such_module (ModuleNotFoundError"),
         ("tests.modelspec_factories:huge", "tests.modelspec_factories has no attribute huge"),
         ("tests.modelspec_factories:NOT_CALLABLE", "NOT_CALLABLE is a int, not a callable"),
     ],
 )
-def test_bad_import_path(tmp_path: Path, reference: nn.Module, architecture: str, message: str) -> None:
+def test_bad_import_path(
+    tmp_path: Path, reference: nn.Module, architecture: str, message: str
+) -> None:
     save_weights(reference, tmp_path / "tiny.safetensors")
     with pytest.raises(ModelSpecError, match=f"spec.yaml: architecture {architecture}: ") as caught:
         build_model(_spec(tmp_path, architecture=architecture))
@@ -152,20 +166,23 @@ def test_bad_import_path(tmp_path: Path, reference: nn.Module, architecture: str
 @pytest.mark.parametrize(
     ("architecture", "message"),
     [
-        ("tests.modelspec_factories:failing", "failed with arguments {'num_classes': 3}: RuntimeError: boom"),
+        ("tests.modelspec_factories:failing",
+         "failed with arguments {'num_classes': 3}: RuntimeError: boom"),
         ("tests.modelspec_factories:not_a_module", "returned a int, not a torch.nn.Module"),
     ],
 )
-def test_factory_errors(tmp_path: Path, reference: nn.Module, architecture: str, message: str) -> None:
+def test_factory_errors(
+    tmp_path: Path, reference: nn.Module, architecture: str, message: str
+) -> None:
     save_weights(reference, tmp_path / "tiny.safetensors")
-    with pytest.raises(ModelError, match="spec.yaml: architecture ") as caught:
+    with pytest.raises(ModelError, match=r"spec\.yaml: architecture ") as caught:
         build_model(_spec(tmp_path, architecture=architecture))
     assert message in str(caught.value)
 
 
 def test_bad_arguments_for_factory(tmp_path: Path, reference: nn.Module) -> None:
     save_weights(reference, tmp_path / "tiny.safetensors")
-    with pytest.raises(ModelError, match="TypeError: .*unexpected keyword argument 'depth'"):
+    with pytest.raises(ModelError, match=r"TypeError: .*unexpected keyword argument 'depth'"):
         build_model(_spec(tmp_path, arguments={"depth": 3}))
 
 
@@ -176,7 +193,7 @@ def test_bad_device(tmp_path: Path, reference: nn.Module) -> None:
 
 
 def test_save_weights_needs_safetensors_suffix(tmp_path: Path, reference: nn.Module) -> None:
-    with pytest.raises(ValueError, match="writes .safetensors files"):
+    with pytest.raises(ValueError, match=r"writes \.safetensors files"):
         save_weights(reference, tmp_path / "tiny.pt")
     assert list(tmp_path.iterdir()) == []
 

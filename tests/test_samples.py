@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 
 import numpy as np
@@ -90,8 +91,8 @@ def test_blocks_agree_with_the_whole_region(
     image, labels = render(seed, rows, cols, shape)
     stitched = np.zeros_like(image)
     stitched_labels = np.zeros_like(labels)
-    for r0, r1 in zip(row_cuts, row_cuts[1:]):
-        for c0, c1 in zip(col_cuts, col_cuts[1:]):
+    for r0, r1 in itertools.pairwise(row_cuts):
+        for c0, c1 in itertools.pairwise(col_cuts):
             part, part_labels = render(seed, (r0, r1), (c0, c1), shape)
             out = np.s_[r0 - rows[0] : r1 - rows[0], c0 - cols[0] : c1 - cols[0]]
             stitched[(slice(None), *out)] = part

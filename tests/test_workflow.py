@@ -113,7 +113,9 @@ def test_a_wrong_type_names_file_and_key(tmp_path: Path) -> None:
     ("compute.device", "compute:\n  device: tpu\n", 3),
     ("compute.workers", "compute:\n  workers: 0\n", 3),
 ])
-def test_a_bad_value_names_file_line_and_key(tmp_path: Path, section: str, text: str, line: int) -> None:
+def test_a_bad_value_names_file_line_and_key(
+    tmp_path: Path, section: str, text: str, line: int
+) -> None:
     path = write(tmp_path, "schema: 1\n" + text)
     load_workflow(path)  # the types are right: only resolving sees the value is wrong
     with pytest.raises(ConfigError) as err:
@@ -130,7 +132,9 @@ def test_a_missing_or_wrong_schema(tmp_path: Path) -> None:
 
 def test_duplicate_keys_are_refused_with_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "schema: 1\noutput: a\ntiling:\n  tile_size: 512\noutput: b\n")
-    with pytest.raises(ConfigError, match=rf"^{path}:5: duplicate key 'output' \(first on line 2\)"):
+    with pytest.raises(
+        ConfigError, match=rf"^{path}:5: duplicate key 'output' \(first on line 2\)"
+    ):
         load_workflow(path)
 
 
@@ -151,17 +155,23 @@ def test_empty_missing_and_non_mapping_files(tmp_path: Path) -> None:
 
 def test_placeholders_other_than_date_are_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "schema: 1\noutput: out/{day}\n")
-    with pytest.raises(ConfigError, match=rf"^{path}:2: output has the unknown placeholder {{day}}"):
+    with pytest.raises(
+        ConfigError, match=rf"^{path}:2: output has the unknown placeholder {{day}}"
+    ):
         load_workflow(path)
     path = write(tmp_path, "schema: 1\nmodel: /models/{date}/m.yaml\n")
-    with pytest.raises(ConfigError, match=r":2: model contains \{date\}, which is only replaced in scenes"):
+    with pytest.raises(
+        ConfigError, match=r":2: model contains \{date\}, which is only replaced in scenes"
+    ):
         load_workflow(path)
 
 
 def test_precedence_file_then_environment_then_command_line(tmp_path: Path) -> None:
     path = write(tmp_path, FLOW + "  batch_size: 2\ncompute:\n  device: cpu\n")
     file_values = load_workflow(path, date="2024-06-30")
-    env = values_from_env({"FCN_PIPELINE_TILING_TILE_SIZE": "256", "FCN_PIPELINE_COMPUTE_DEVICE": "cuda"})
+    env = values_from_env(
+        {"FCN_PIPELINE_TILING_TILE_SIZE": "256", "FCN_PIPELINE_COMPUTE_DEVICE": "cuda"}
+    )
     cli = {"tile_size": 128, "scenes": None, "output": None, "batch_size": None}
 
     config = resolve(file_values, env, cli)

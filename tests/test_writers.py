@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import struct
@@ -285,7 +286,7 @@ def assert_cloud_optimized(path: Path) -> None:
     assert widths == sorted(widths, reverse=True), "full resolution first, then overviews"
     first_data = min(o for _, _, offsets in ifds for o in offsets)
     assert all(ifd < first_data for ifd, _, _ in ifds), "all IFDs before the image data"
-    for (_, _, larger), (_, _, smaller) in zip(ifds, ifds[1:]):
+    for (_, _, larger), (_, _, smaller) in itertools.pairwise(ifds):
         assert max(smaller) < min(larger), "smallest overview's data first"
 
 
@@ -428,7 +429,7 @@ def test_cog_failure_leaves_no_temporary_file(tmp_path):
     store = written_store(tmp_path, label_map(SHAPE), make_spec())
     target = tmp_path / "labels.tif"
     target.mkdir()  # the final rename cannot replace a directory
-    with pytest.raises(OutputError, match="labels.tif"):
+    with pytest.raises(OutputError, match=r"labels\.tif"):
         write_cog(store, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif", "labels.zarr"]
     assert list(target.iterdir()) == []
