@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,45 @@ def output_shape(model: nn.Module, input_shape: tuple[int, int, int],
     return tuple(y.shape[1:])
 
 
+class _FirstConvolution(Exception):
+    """Raised by a hook to stop a probing forward pass at the model's first convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.channels = channels
+
+
+def input_channels(model: nn.Module, channels: int = 3) -> int | None:
+    """The input channels of the first convolution ``model`` applies to its input, or None
+    when it has none or it cannot be found without running the model on data.
+
+    Found on the meta device (no pixel computed) by a forward pass on a
+    ``(1, channels, 64, 64)`` input stopped at the first convolution called, so a model
+    that cannot take ``channels`` still tells what it takes.
+    """
+    convolutions = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not convolutions:
+        return None
+
+    def stop(module: nn.Module, args: tuple[object, ...]) -> None:
+        raise _FirstConvolution(int(module.in_channels))  # type: ignore[arg-type]  # a conv
+
+    handles = [m.register_forward_pre_hook(stop) for m in convolutions]
+    state = {k: v.to("meta") for k, v in model.state_dict(keep_vars=True).items()}
+    x = torch.empty((1, channels, 64, 64), device="meta")
+    try:
+        with torch.no_grad():
+            functional_call(model, state, (x,), strict=False)
+    except _FirstConvolution as found:
+        return found.channels
+    except Exception:  # user models fail in many ways on meta tensors: then unknown
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None
+
+
 def model_geometry(model: nn.Module, input_shape: tuple[int, int, int],
                    dtype: torch.dtype = torch.float32, *, require_field: bool = True,
                    ) -> ModelGeometry:
@@ -111,8 +151,10 @@ def predict_tiled(
     *,
     tile_size: int | tuple[int, int],
     halo: Halo | int | tuple[int, int] | None = None,
+    valid: np.ndarray | None = None,
+    fill: float | Sequence[float] = 0.0,
 ) -> np.ndarray:
-    """What ``model(image[None])[0]`` returns, computed tile by tile.
+    """What ``model(filled[None])[0]`` returns, computed tile by tile.
 
     ``image`` is ``(C, H, W)`` in any float dtype; it is given to the model in
     that dtype (float64 stays float64). ``halo=None`` derives the halo from the
@@ -120,12 +162,38 @@ def predict_tiled(
     inference; an explicit halo (input pixels, an int, a ``(rows, cols)``
     pair or a :class:`Halo`) overrides it and is required for a model the
     analysis rejects.
+
+    ``filled`` is a copy of ``image`` in which every channel of a pixel that
+    is invalid (``valid`` False) or non-finite in any channel is set to
+    ``fill`` (one value, or one per channel), so no NaN, infinity or nodata
+    value reaches the network and what such a pixel held changes no other
+    output. A finite image without ``valid`` is used as it is: the result is
+    then ``model(image[None])[0]``, as before these arguments existed.
+
+    Args:
+        model: A fully convolutional network giving ``(N, K, H', W')``.
+        image: ``(C, H, W)`` floating-point array or tensor.
+        tile_size: Core tile size in output pixels, one int or ``(rows, cols)``.
+        halo: ``None`` (derived) or an explicit halo in input pixels.
+        valid: ``(H, W)`` bool, True where the pixel is a measurement.
+        fill: The value invalid pixels get, one float or ``C`` floats.
+
+    Returns:
+        ``(K, H', W')`` array of the model's output dtype.
+
+    Raises:
+        GeometryError: ``image`` is not ``(C, H, W)`` floats, ``valid`` is not
+            ``(H, W)``, ``fill`` has not 1 or ``C`` values, or the tiles
+            cannot be built.
+        ModelAnalysisError: The receptive field cannot be derived and no
+            ``halo`` is given.
     """
     tensor = torch.as_tensor(image)
     if tensor.dim() != 3:
         raise GeometryError(f"image must be (C, H, W), got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         raise GeometryError(f"image must be a float array, got {tensor.dtype}")
+    tensor = _filled(tensor, valid, fill)
     grid, geometry = plan_tiles(model, tuple(tensor.shape), tile_size, halo, tensor.dtype)  # type: ignore[arg-type]
     device = _device_of(model)
     result: np.ndarray | None = None
@@ -148,6 +216,41 @@ def predict_tiled(
             result[:, core_rows, core_cols] = values
     assert result is not None
     return result
+
+
+def _filled(image: torch.Tensor, valid: np.ndarray | None,
+            fill: float | Sequence[float]) -> torch.Tensor:
+    """``image`` ``(C, H, W)``, or a copy with invalid and non-finite pixels set to ``fill``."""
+    bad = ~torch.isfinite(image).all(dim=0)
+    if valid is not None:
+        mask = torch.as_tensor(np.asarray(valid, dtype=bool), device=image.device)
+        if tuple(mask.shape) != tuple(image.shape[1:]):
+            raise GeometryError(
+                f"valid must be (H, W) = {tuple(image.shape[1:])}, got shape {tuple(mask.shape)}"
+            )
+        bad |= ~mask
+    values = torch.as_tensor(fill, dtype=image.dtype, device=image.device).reshape(-1)
+    if values.numel() not in (1, image.shape[0]):
+        raise GeometryError(
+            f"fill must be one value or {image.shape[0]} (one per channel), got {values.numel()}"
+        )
+    if not bool(bad.any()):
+        return image
+    return torch.where(bad[None], values[:, None, None], image)
+
+
+def finite_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Where every class score of a pixel is finite: ``(N, C, H, W) -> bool (N, H, W)``.
+
+    A pixel with a NaN or infinite score has no trustworthy class (``argmax``
+    would pick the NaN, or the infinity); its label is the nodata label.
+
+    Raises:
+        GeometryError: ``scores`` is not 4-D.
+    """
+    if scores.dim() != 4:
+        raise GeometryError(f"scores must be (N, C, H, W), got shape {tuple(scores.shape)}")
+    return torch.isfinite(scores).all(dim=1)
 
 
 def class_labels(scores: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:

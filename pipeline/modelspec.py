@@ -13,9 +13,15 @@ they are normalised, how nodata is handled and what the output classes are::
     bands: [1, 2, 3]                 # 1-based scene bands, repeats allowed
     dtypes: [uint8, uint16]          # optional: scene dtypes accepted
     normalization: {scale: 0.0039, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
-    nodata: {input: scene, output: 255}
+    nodata: {input: scene, output: 255, fill: mean}
     classes:
       - {name: water, color: [30, 90, 200]}
+
+``nodata.fill`` is what the network sees in place of an invalid pixel (nodata,
+masked, NaN, infinite): ``mean`` (the default: the normalisation mean, 0 once
+normalised), or a number or a per-band list of numbers in raw scene units,
+normalised like the data. :func:`model_input` normalises a window and fills it,
+so the labels of valid pixels never depend on what an invalid pixel held.
 
 This module is pure (numpy and YAML, no torch): a Dask client validates a spec
 and checksums its weights without loading a network; :mod:`pipeline.model`
@@ -52,6 +58,8 @@ DEMO = "demo"
 WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth")
 #: ``nodata.input`` words; any number is an override of the scene's nodata value.
 NODATA_INPUT_WORDS = ("scene", "none")
+#: ``nodata.fill`` word for the normalisation mean (0 after normalising), the default.
+FILL_MEAN = "mean"
 
 _REQUIRED = ("schema", "name", "architecture", "weights", "bands", "normalization", "classes")
 _OPTIONAL = ("arguments", "sha256", "dtypes", "nodata")
@@ -153,6 +161,8 @@ class ModelSpec:
     nodata_input: str | float
     nodata_output: int
     classes: tuple[LabelClass, ...]
+    #: ``"mean"`` or one raw value per band: what invalid pixels are replaced by.
+    nodata_fill: str | tuple[float, ...] = FILL_MEAN
 
     @property
     def source(self) -> str:
@@ -322,8 +332,8 @@ def parse_spec(data: Mapping[str, Any], *, path: Path | None) -> ModelSpec:
 
     bands = _bands(f, data["bands"])
     classes = _classes(f, data["classes"])
-    input_nodata, output_nodata = _nodata(f, data.get("nodata"), classes)
-    return ModelSpec(
+    input_nodata, output_nodata, fill = _nodata(f, data.get("nodata"), classes, len(bands))
+    spec = ModelSpec(
         path=path,
         name=f.string(data["name"], "name"),
         architecture=_architecture(f, data["architecture"]),
@@ -336,7 +346,16 @@ def parse_spec(data: Mapping[str, Any], *, path: Path | None) -> ModelSpec:
         nodata_input=input_nodata,
         nodata_output=output_nodata,
         classes=classes,
+        nodata_fill=fill,
     )
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = bool(np.isfinite(fill_values(spec)).all())
+    if not finite:
+        raise f.error(
+            "nodata.fill", f"{list(fill)} does not normalise to finite float32 values "
+            "((fill * scale - mean) / std); choose values within the scene's range"
+        )
+    return spec
 
 
 def _architecture(f: _Fields, value: Any) -> str:
@@ -442,9 +461,10 @@ def _classes(f: _Fields, value: Any) -> tuple[LabelClass, ...]:
     return tuple(classes)
 
 
-def _nodata(f: _Fields, value: Any, classes: tuple[LabelClass, ...]) -> tuple[str | float, int]:
+def _nodata(f: _Fields, value: Any, classes: tuple[LabelClass, ...], n_bands: int,
+            ) -> tuple[str | float, int, str | tuple[float, ...]]:
     n = len(classes)
-    block = f.mapping({} if value is None else value, "nodata", (), ("input", "output"))
+    block = f.mapping({} if value is None else value, "nodata", (), ("input", "output", "fill"))
     raw_input = block.get("input", "scene")
     if isinstance(raw_input, str):
         if raw_input not in NODATA_INPUT_WORDS:
@@ -473,7 +493,21 @@ def _nodata(f: _Fields, value: Any, classes: tuple[LabelClass, ...]) -> tuple[st
             f"{output} is the label of class {classes[output].name!r} (classes are 0 to {n - 1}); "
             f"pick a value from {n} to {top}, such as {top}",
         )
-    return nodata_input, output
+    return nodata_input, output, _fill(f, block.get("fill", FILL_MEAN), n_bands)
+
+
+def _fill(f: _Fields, value: Any, n_bands: int) -> str | tuple[float, ...]:
+    if value == FILL_MEAN:
+        return FILL_MEAN
+    if isinstance(value, (list, tuple)):
+        return f.per_band(value, "nodata.fill", n_bands)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (f.number(value, "nodata.fill"),) * n_bands
+    raise f.error(
+        "nodata.fill",
+        f"must be 'mean', a number or a list of {n_bands} numbers (raw scene values, one "
+        f"per band), got {_show(value)}",
+    )
 
 
 # --------------------------------------------------------------------------- weights
@@ -543,3 +577,52 @@ def normalize(
     offset = (np.asarray(norm.mean, dtype=np.float64) / std).astype(out_dtype)[:, None, None]
     out = np.multiply(values, gain, out=np.empty(values.shape, dtype=out_dtype))
     return np.subtract(out, offset, out=out)
+
+
+def fill_values(spec: ModelSpec,
+                dtype: npt.DTypeLike = np.float32) -> npt.NDArray[np.floating[Any]]:
+    """What the network sees at an invalid pixel: one normalised value per band, ``(bands,)``.
+
+    ``nodata.fill: mean`` gives 0 (the normalisation mean, normalised); raw
+    values are normalised like the data, ``(fill * scale - mean) / std``.
+    """
+    if spec.nodata_fill == FILL_MEAN:
+        return np.zeros(len(spec.bands), dtype=dtype)
+    raw = np.asarray(spec.nodata_fill, dtype=np.float64)[:, None, None]
+    return normalize(raw, spec, dtype)[:, 0, 0]
+
+
+def model_input(raw: npt.ArrayLike, valid: npt.ArrayLike, spec: ModelSpec,
+                dtype: npt.DTypeLike = np.float32) -> npt.NDArray[np.floating[Any]]:
+    """The network's input for a window: normalised, invalid pixels filled.
+
+    Every band of a pixel that is invalid (``valid`` False), or whose
+    normalised value is not finite in some band, is set to
+    :func:`fill_values`, so the network never sees a NaN, an infinity or a
+    nodata sentinel, and what an invalid pixel held changes no valid label.
+
+    Args:
+        raw: ``(bands, rows, cols)`` raw scene values, the spec's bands in
+            spec order, any numeric dtype.
+        valid: ``(rows, cols)`` bool, True where the pixel is a measurement
+            (from :func:`pipeline.readers.read_window`), for the whole window.
+        spec: Gives the normalisation and ``nodata.fill``.
+        dtype: A floating-point dtype for the result.
+
+    Returns:
+        ``(bands, rows, cols)`` array of ``dtype``, all finite.
+
+    Raises:
+        ValueError: ``raw`` has not the spec's band count, ``valid`` is not
+            ``(rows, cols)``, or ``dtype`` is not floating-point.
+    """
+    out = normalize(raw, spec, dtype)
+    mask = np.asarray(valid)
+    if mask.shape != out.shape[1:]:
+        raise ValueError(
+            f"model_input needs valid shaped {out.shape[1:]} (rows, cols), got {mask.shape}"
+        )
+    bad = ~(mask.astype(bool, copy=False) & np.isfinite(out).all(axis=0))
+    if bad.any():
+        np.copyto(out, fill_values(spec, out.dtype)[:, None, None], where=bad[None])
+    return out

@@ -8,29 +8,34 @@ here touches ``os.environ``.
 
 :func:`open_scene` reads a header once and refuses what the pipeline cannot
 georeference faithfully (no CRS unless allowed, rotated or sheared transforms,
-GCP-only or RPC-only georeferencing). :func:`read_window` opens the file per
-call and reads only the blocks under one window, so a task carries a path, never
-a handle. Read errors surface as :class:`~pipeline.errors.SceneReadError`:
-``GTIFF_IGNORE_READ_ERRORS`` is never set, so an unreadable block is never
-returned as zeros.
+GCP-only or RPC-only georeferencing), pixels that are not real numbers (complex
+dtypes) and nodata values the dtype cannot hold. :func:`read_window` opens the
+file per call and reads only the blocks under one window, so a task carries a
+path, never a handle; it also says which pixels are invalid (nodata, masks,
+alpha, NaN and infinity), by the rule its docstring states. Read errors
+surface as :class:`~pipeline.errors.SceneReadError`: ``GTIFF_IGNORE_READ_ERRORS``
+is never set, so an unreadable block is never returned as zeros.
 """
 
 from __future__ import annotations
 
 import warnings
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.shutil
+from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
-from rasterio.io import DatasetReader
+from rasterio.io import DatasetReader, MemoryFile
 from rasterio.windows import Window
 
 from pipeline.errors import SceneError, SceneReadError
 from pipeline.grid import Box
-from pipeline.scene import Affine6, SceneInfo
+from pipeline.scene import NUMERIC_KINDS, Affine6, SceneInfo, nodata_problem
 
 #: GDAL configuration for every open in this module. READDIR off: a scene in a
 #: folder of thousands is opened without listing the folder (sidecars such as
@@ -52,10 +57,12 @@ def _dataset(path: str | Path) -> Iterator[DatasetReader]:
 
     rasterio warns ``NotGeoreferencedWarning`` on opening a file without a
     geotransform; :func:`open_scene` makes its own, clearer decision about
-    such files, so the warning is silenced here and only here.
+    such files, so the warning is silenced here and only here. Likewise
+    numpy's overflow warning from rasterio's range check of a nodata value
+    such as -1e40 on float32: :func:`open_scene` refuses that value itself.
     """
     with rasterio.Env(**GDAL_OPTIONS):
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore"):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             try:
                 dataset = rasterio.open(path)
@@ -95,7 +102,10 @@ def open_scene(path: str | Path, *, allow_no_crs: bool = False) -> SceneInfo:
     Raises:
         SceneReadError: The file is missing or cannot be read.
         SceneError: The file is not a raster, or its georeferencing is
-            refused (no CRS, rotated or sheared, GCP-only or RPC-only).
+            refused (no CRS, rotated or sheared, GCP-only or RPC-only), its
+            pixels are not numbers a model can be fed (complex, or another
+            non-numeric dtype), or its nodata value is one its dtype cannot
+            hold (300 or 0.5 on uint8, -1e40 on float32).
     """
     file = Path(path)
     try:
@@ -119,6 +129,7 @@ def open_scene(path: str | Path, *, allow_no_crs: bool = False) -> SceneInfo:
             block_shape=(int(ds.block_shapes[0][0]), int(ds.block_shapes[0][1])),
             size_bytes=stat.st_size,
             mtime_ns=stat.st_mtime_ns,
+            colorinterp=tuple(c.name for c in ds.colorinterp),
         )
 
 
@@ -137,6 +148,7 @@ def _check_header(name: str, ds: DatasetReader, allow_no_crs: bool) -> None:
             f"{name} has bands of different dtypes {list(ds.dtypes)}; "
             "convert it to one dtype first, e.g. gdal_translate -ot"
         )
+    _check_pixels(name, ds)
     a, b, _, d, e, _ = _affine6(ds)
     if a == 0 or e == 0:
         raise SceneError(
@@ -169,8 +181,71 @@ def _check_header(name: str, ds: DatasetReader, allow_no_crs: bool) -> None:
         )
 
 
-def _bands_problem(name: str, count: int, bands: Sequence[int]) -> str | None:
-    """What is wrong with asking ``name`` (``count`` bands) for ``bands``, if anything."""
+def _check_pixels(name: str, ds: DatasetReader) -> None:
+    """Refuse pixels a model cannot be fed, and nodata values the dtype cannot hold."""
+    dtype = ds.dtypes[0]
+    try:
+        kind: str | None = np.dtype(dtype).kind
+    except TypeError:  # rasterio names GDAL's complex integers complex_int16, unknown to numpy
+        kind = None
+    if dtype.startswith("complex") or kind == "c":
+        raise SceneError(
+            f"{name} has complex pixels ({dtype}), which a model cannot be fed; convert them "
+            f'to amplitude first, e.g. gdal_calc.py -A {name} --calc "numpy.absolute(A)" '
+            "--type Float32 --outfile amplitude.tif"
+        )
+    if kind is None or kind not in NUMERIC_KINDS:
+        raise SceneError(
+            f"{name} has {dtype} pixels, not the booleans, integers or floats a model can be "
+            f"fed; convert it first, e.g. gdal_translate -ot Float32 {name} converted.tif"
+        )
+    values = _declared_nodata(ds)
+    for band, value in enumerate(values, start=1):
+        problem = None if value is None else nodata_problem(value, dtype)
+        if problem:
+            which = f" of band {band}" if len({repr(v) for v in values}) > 1 else ""
+            raise SceneError(
+                f"{name}: nodata value{which} {problem}; set one its pixels can hold "
+                f"(gdal_edit.py -a_nodata VALUE {name}) or remove it "
+                f"(gdal_edit.py -unsetnodata {name})"
+            )
+
+
+def _declared_nodata(ds: DatasetReader) -> tuple[float | None, ...]:
+    """Each band's nodata value as the file declares it, ``None`` where it has none.
+
+    rasterio's ``nodatavals`` reports a value outside the dtype's range as
+    ``None`` (and GDAL then masks nothing): a uint8 scene declaring 300 would
+    pass silently. The declared values are read from a VRT copy of the header
+    (XML, no pixels) where rasterio reports no value for a band.
+    """
+    reported = tuple(ds.nodatavals)
+    if all(v is not None for v in reported):
+        return reported
+    try:
+        with MemoryFile(ext=".vrt") as memory:
+            rasterio.shutil.copy(ds, memory.name, driver="VRT")
+            root = ElementTree.fromstring(memory.read())
+    except (RasterioError, ElementTree.ParseError):
+        return reported
+    declared: list[float | None] = []
+    for band in root.iter("VRTRasterBand"):
+        text = band.findtext("NoDataValue")
+        try:
+            declared.append(None if text is None else float(text))
+        except ValueError:
+            declared.append(None)
+    return tuple(declared) if len(declared) == len(reported) else reported
+
+
+def _bands_problem(name: str, count: int, bands: Sequence[int],
+                   palette: Sequence[int] = ()) -> str | None:
+    """What is wrong with asking ``name`` (``count`` bands) for ``bands``, if anything.
+
+    ``palette`` lists the scene's bands of palette indices: reading one, or
+    asking a palette scene for bands it lacks, gets the advice to expand the
+    palette to RGB (indices are not intensities: never repeat or scale them).
+    """
     wanted = list(bands)
     if not wanted:
         return f"the model asks {name} for no bands; list at least one band in the model spec"
@@ -182,6 +257,8 @@ def _bands_problem(name: str, count: int, bands: Sequence[int]) -> str | None:
             f"the model asks {name} for bands {wanted}; band numbers are 1-based "
             f"(1 to {count})"
         )
+    if palette and (max(wanted) > count or set(wanted) & set(palette)):
+        return _palette_advice(name, count, wanted, palette)
     if max(wanted) <= count:
         return None
     noun = "band" if count == 1 else "bands"
@@ -192,8 +269,30 @@ def _bands_problem(name: str, count: int, bands: Sequence[int]) -> str | None:
     return f"{name} has {count} {noun}; the model needs bands {wanted} ({fix})"
 
 
+def _palette_advice(name: str, count: int, wanted: list[int], palette: Sequence[int]) -> str:
+    """The refusal for a model reading palette indices: expand the palette to RGB first."""
+    stem = Path(name).stem
+    fix = f"gdal_translate -expand rgb {name} {stem}-rgb.tif"
+    if count == 1:
+        return (
+            f"{name} has 1 band of palette indices, which are not intensities; the model needs "
+            f"bands {wanted}: expand the palette first ({fix}) and run the model on "
+            f"{stem}-rgb.tif"
+        )
+    return (
+        f"{name} band {palette[0]} holds palette indices, which are not intensities; "
+        f"the model needs bands {wanted}: expand the palette first ({fix})"
+    )
+
+
 def check_bands(info: SceneInfo, bands: Sequence[int], dtypes: Sequence[str] | None = None) -> None:
     """Check that a scene has the 1-based ``bands`` and one of ``dtypes``.
+
+    A band whose colour interpretation is palette holds indices into a colour
+    table, not intensities: a model that reads one is refused, whatever its
+    band count, with the advice to expand the palette to RGB first
+    (``gdal_translate -expand rgb IN OUT``); a one-band palette scene is never
+    told to repeat band 1.
 
     Args:
         info: The scene, from :func:`open_scene`.
@@ -201,11 +300,11 @@ def check_bands(info: SceneInfo, bands: Sequence[int], dtypes: Sequence[str] | N
         dtypes: The dtypes the model accepts; ``None`` accepts any.
 
     Raises:
-        SceneError: A band is missing or the dtype is not accepted; the
-            message names the file and the fix.
+        SceneError: A band is missing, a band read holds palette indices, or
+            the dtype is not accepted; the message names the file and the fix.
     """
     name = Path(info.path).name
-    problem = _bands_problem(name, info.count, bands)
+    problem = _bands_problem(name, info.count, bands, info.palette_bands)
     if problem:
         raise SceneError(problem)
     if dtypes is not None and info.dtype not in dtypes:
@@ -228,12 +327,23 @@ def _describe(box: Box) -> str:
 
 
 def read_window(path: str | Path, box: Box, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Read one window of a scene, and where it has data.
+    """Read one window of a scene, and which of its pixels are valid.
 
-    Only the blocks under ``box`` are read. ``valid`` is GDAL's dataset mask
-    (from nodata values, an alpha band or an internal mask; with nodata values
-    a pixel is valid where any band of the scene is not nodata), and for
-    floating-point data also False wherever one of the requested bands is NaN.
+    Only the blocks under ``box`` are read (and those of any alpha band). A
+    pixel is invalid where:
+
+    - GDAL's dataset mask says so: its nodata value (an integer pixel is
+      nodata only where every band of the scene is: 0 in one band of an 8-bit
+      image is a real value), an internal or sidecar mask, or the alpha band
+      GDAL recognises (band 2 of 2, band 4 of 4);
+    - any band whose colour interpretation is alpha, in any position, is 0
+      (GDAL ignores, for example, band 5 of a 5-band scene marked alpha);
+    - any band read is NaN, +inf or -inf;
+    - for a floating-point scene with a nodata value, any band read equals
+      its band's nodata value exactly (a float sentinel such as -9999 or
+      -1e20 is never a measurement; compared in the scene's dtype).
+
+    The value rules alone are :func:`pixel_validity`.
 
     Args:
         path: The scene file.
@@ -242,7 +352,8 @@ def read_window(path: str | Path, box: Box, bands: Sequence[int]) -> tuple[np.nd
 
     Returns:
         ``(data, valid)``: ``data`` of shape ``(len(bands), h, w)`` in the
-        file's dtype; ``valid`` of shape ``(h, w)``, bool.
+        file's dtype, raw (invalid pixels hold whatever the file holds);
+        ``valid`` of shape ``(h, w)``, bool, for the whole window.
 
     Raises:
         SceneError: The box is empty or leaves the scene, or a band is missing.
@@ -263,16 +374,62 @@ def read_window(path: str | Path, box: Box, bands: Sequence[int]) -> tuple[np.nd
         if problem:
             raise SceneError(problem)
         window = _window(box)
+        wanted = [int(b) for b in bands]
         try:
-            data = ds.read([int(b) for b in bands], window=window)
+            data = ds.read(wanted, window=window)
             valid = ds.dataset_mask(window=window) > 0
+            for band, interp in enumerate(ds.colorinterp, start=1):
+                if interp == ColorInterp.alpha:
+                    valid &= ds.read(band, window=window) != 0
         except RasterioError as exc:
             cause = exc.__cause__ or exc
             raise SceneReadError(
                 f"{file.name}: cannot read window {_describe(box)} ({cause}); the file may be "
                 f"truncated or corrupt: copy or download it again ({file.absolute()})"
             ) from exc
-    if np.issubdtype(data.dtype, np.inexact):
-        valid &= ~np.isnan(data).any(axis=0)
+        nodata = [ds.nodatavals[b - 1] for b in wanted] if data.dtype.kind == "f" else None
+    valid &= pixel_validity(data, nodata)
     return data, valid
 
+
+def pixel_validity(data: np.ndarray, nodata: float | Sequence[float | None] | None = None,
+                   ) -> np.ndarray:
+    """Where a window's values are measurements, judged by the values alone.
+
+    A pixel is invalid where any band is NaN or +-inf; with ``nodata``, for
+    floating-point data where any band equals its nodata value, and for
+    integer data where every band equals it (GDAL's rule). Masks and alpha
+    bands are :func:`read_window`'s business.
+
+    Args:
+        data: ``(bands, rows, cols)``, any numeric dtype.
+        nodata: One value for every band, one per band (``None`` for a band
+            without one), or ``None``. Compared in ``data``'s dtype, so it
+            must be a value that dtype holds (see
+            :func:`pipeline.scene.nodata_problem`).
+
+    Returns:
+        ``valid`` of shape ``(rows, cols)``, bool.
+
+    Raises:
+        ValueError: ``data`` is not 3-D, or ``nodata`` has not one value per band.
+    """
+    if data.ndim != 3:
+        raise ValueError(f"pixel_validity needs (bands, rows, cols) data, got shape {data.shape}")
+    valid = np.ones(data.shape[1:], dtype=bool)
+    if data.dtype.kind in "fc":
+        valid &= np.isfinite(data).all(axis=0)
+    if nodata is None:
+        return valid
+    values = [nodata] * len(data) if isinstance(nodata, (int, float, np.number)) else list(nodata)
+    if len(values) != len(data):
+        raise ValueError(f"pixel_validity needs {len(data)} nodata values, got {len(values)}")
+    hits = [data[i] == np.asarray(v).astype(data.dtype) for i, v in enumerate(values)
+            if v is not None and not np.isnan(v)]
+    if not hits:
+        return valid
+    if data.dtype.kind == "f":
+        valid &= ~np.logical_or.reduce(hits)
+    elif len(hits) == len(data):
+        valid &= ~np.logical_and.reduce(hits)
+    return valid

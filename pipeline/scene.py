@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
+
 Affine6 = tuple[float, float, float, float, float, float]
+
+#: numpy dtype kinds a model can be fed: bool, signed and unsigned integers, floats.
+NUMERIC_KINDS = "biuf"
 
 
 @dataclass(frozen=True)
@@ -14,6 +20,9 @@ class SceneInfo:
     ``transform`` is the affine ``(a, b, c, d, e, f)`` as rasterio orders it;
     ``crs`` is WKT (``None`` when the file has none); ``shape`` is
     ``(rows, cols)``; ``dtype`` a numpy dtype name; ``nodata`` may be NaN.
+    ``colorinterp`` holds each band's colour interpretation as rasterio names
+    it (``"gray"``, ``"red"``, ``"alpha"``, ``"palette"``, ``"undefined"``, ...),
+    band 1 first; empty when unknown (a SceneInfo not made by ``open_scene``).
     """
 
     path: str
@@ -26,7 +35,50 @@ class SceneInfo:
     block_shape: tuple[int, int]
     size_bytes: int
     mtime_ns: int
+    colorinterp: tuple[str, ...] = ()
 
     @property
     def pixels(self) -> int:
         return self.shape[0] * self.shape[1]
+
+    @property
+    def palette_bands(self) -> tuple[int, ...]:
+        """1-based numbers of the bands that hold palette indices, not intensities."""
+        return tuple(i + 1 for i, name in enumerate(self.colorinterp) if name == "palette")
+
+
+def nodata_problem(value: float, dtype: str) -> str | None:
+    """Why pixels of ``dtype`` cannot hold the nodata ``value``, or ``None`` if they can.
+
+    Integer dtypes hold integers of their range only (so never NaN or
+    infinity); a float dtype holds NaN, +-inf and finite values up to its
+    largest finite magnitude (3.4e38 for float32). A value outside that would
+    match no pixel, or a rounded one.
+
+    Args:
+        value: The nodata value as declared (a header, a model spec).
+        dtype: The pixels' numpy dtype name, numeric (``uint8``, ``float32``).
+
+    Returns:
+        A phrase such as ``"300 is outside the uint8 range (0 to 255)"``.
+    """
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        top = float(np.finfo(dtype).max)
+        if math.isfinite(value) and abs(value) > top:
+            return f"{show_number(value)} is outside the {dtype} range (-{top:.4g} to {top:.4g})"
+        return None
+    low, high = (0, 1) if kind == "b" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    if not math.isfinite(value) or value != math.floor(value):
+        return (f"{show_number(value)} is not an integer, and {dtype} pixels hold integers only "
+                f"({low} to {high})")
+    if not low <= int(value) <= high:
+        return f"{show_number(value)} is outside the {dtype} range ({low} to {high})"
+    return None
+
+
+def show_number(value: float) -> str:
+    """A number as a message shows it: ``300``, ``0.5``, ``-1e+40``, ``nan``."""
+    if math.isfinite(value) and value == math.floor(value) and abs(value) < 1e16:
+        return str(int(value))
+    return f"{value:g}" if math.isfinite(value) and abs(value) >= 1e16 else repr(float(value))

@@ -21,7 +21,9 @@ from pipeline.modelspec import (
     ModelSpec,
     Normalization,
     file_sha256,
+    fill_values,
     load_spec,
+    model_input,
     normalize,
     parse_spec,
     verify_weights,
@@ -69,6 +71,7 @@ def test_defaults_for_optional_fields(tmp_path: Path) -> None:
     assert spec.dtypes is None
     assert spec.normalization.scale == 1.0
     assert (spec.nodata_input, spec.nodata_output) == ("scene", 255)
+    assert spec.nodata_fill == "mean"
 
 
 def test_other_spec_values(tmp_path: Path) -> None:
@@ -190,6 +193,16 @@ BAD_FIELDS = [
     ("nodata output too big", _set("nodata.output", 256), "nodata.output must fit the uint8 label map (0 to 255)"),
     ("nodata output negative", _set("nodata.output", -1), "nodata.output must be an integer >= 0"),
     ("nodata output float", _set("nodata.output", 254.5), "nodata.output must be an integer >= 0"),
+    ("nodata fill word", _set("nodata.fill", "median"),
+     "nodata.fill must be 'mean', a number or a list of 3 numbers"),
+    ("nodata fill null", _set("nodata.fill", None), "nodata.fill must be 'mean', a number or"),
+    ("nodata fill bool", _set("nodata.fill", True), "nodata.fill must be 'mean', a number or"),
+    ("nodata fill length", _set("nodata.fill", [1, 2]),
+     "nodata.fill must have 3 values (one per band), got 2"),
+    ("nodata fill nan", _set("nodata.fill", float("nan")), "nodata.fill must be a finite number"),
+    ("nodata fill item", _set("nodata.fill", [1, "x", 2]), "nodata.fill[1] must be a number"),
+    ("nodata fill overflows", _set("nodata.fill", 1e300),
+     "nodata.fill [1e+300, 1e+300, 1e+300] does not normalise to finite"),
 ]
 
 
@@ -381,3 +394,79 @@ def test_normalize_checks_the_band_count() -> None:
 def test_modelspec_does_not_import_torch() -> None:
     code = "import sys, pipeline.modelspec; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --------------------------------------------------------------------------- fill
+
+
+def test_nodata_fill_values_are_per_band_raw_values() -> None:
+    """Teeth: _fill() ignoring the key (always "mean") fails on the number and the list."""
+    assert parse_spec(spec_dict(nodata={"fill": "mean"}), path=None).nodata_fill == "mean"
+    assert parse_spec(spec_dict(nodata={"fill": 0}), path=None).nodata_fill == (0.0, 0.0, 0.0)
+    listed = parse_spec(spec_dict(nodata={"fill": [10, 20.5, 30]}), path=None)
+    assert listed.nodata_fill == (10.0, 20.5, 30.0)
+
+
+def test_fill_values_are_normalised_like_the_data() -> None:
+    """``mean`` is 0 after normalising; raw values go through (v * scale - mean) / std.
+
+    Teeth: fill_values() returning the raw values unnormalised fails.
+    """
+    spec = _normalization_spec(1 / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert fill_values(spec).tolist() == [0.0, 0.0, 0.0] and fill_values(spec).dtype == np.float32
+    raw = parse_spec(
+        spec_dict(nodata={"fill": [0, 255, 51]}, normalization={
+            "scale": 1 / 255, "mean": [0.5, 0.5, 0.2], "std": [0.25, 0.5, 0.1]}),
+        path=None,
+    )
+    np.testing.assert_allclose(fill_values(raw, np.float64), [-2.0, 1.0, 0.0], atol=1e-12)
+
+
+HOLES = {"nodata": -9999.0, "huge": -1e20, "nan": np.nan, "inf": np.inf, "-inf": -np.inf}
+
+
+def test_model_input_fills_invalid_pixels_whatever_they_held() -> None:
+    """The network's input is the same, bit for bit, whatever an invalid pixel held.
+
+    Teeth: model_input() returning normalize(raw) unfilled: the NaN/inf/sentinel values
+    reach the output and every comparison fails.
+    """
+    spec = parse_spec(spec_dict(nodata={"fill": [100, 0, 255]}), path=None)
+    raw = np.random.default_rng(3).uniform(0, 255, (3, 9, 11)).astype(np.float32)
+    valid = np.ones((9, 11), bool)
+    valid[2:5, 3:6] = False
+    outputs = []
+    for value in HOLES.values():
+        held = raw.copy()
+        held[:, 2:5, 3:6] = value
+        out = model_input(held, valid, spec)
+        assert out.dtype == np.float32 and out.shape == raw.shape and np.isfinite(out).all()
+        outputs.append(out.tobytes())
+    assert len(set(outputs)) == 1
+    out = model_input(raw, valid, spec)
+    np.testing.assert_array_equal(out[:, valid], normalize(raw, spec)[:, valid])
+    expected = fill_values(spec)
+    assert (out[:, ~valid] == expected[:, None]).all()
+    np.testing.assert_allclose(
+        expected, (np.array([100, 0, 255]) / 255 - np.array(spec.normalization.mean))
+        / np.array(spec.normalization.std), rtol=1e-6)
+
+
+def test_model_input_fills_a_pixel_non_finite_in_one_band() -> None:
+    """A NaN the caller's mask missed still never reaches the network: its pixel is filled.
+
+    Teeth: model_input() filling only where valid is False leaves the NaN: fails.
+    """
+    spec = _normalization_spec(1.0, [0.0, 0.0], [1.0, 1.0])
+    raw = np.ones((2, 3, 4), np.float32)
+    raw[1, 1, 2] = np.nan
+    out = model_input(raw, np.ones((3, 4), bool), spec)
+    assert out[:, 1, 2].tolist() == [0.0, 0.0] and (np.delete(out.reshape(2, -1), 6, 1) == 1).all()
+
+
+def test_model_input_checks_the_mask_shape() -> None:
+    """Teeth: model_input() without the shape check fails in numpy's broadcasting with
+    another message: fails."""
+    spec = _normalization_spec(1.0, [0, 0, 0], [1, 1, 1])
+    with pytest.raises(ValueError, match=r"valid shaped \(4, 4\) \(rows, cols\), got \(4, 5\)"):
+        model_input(np.zeros((3, 4, 4), np.uint8), np.ones((4, 5), bool), spec)

@@ -21,13 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
+from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.rpc import RPC
 from rasterio.transform import Affine
 
 from pipeline.errors import PipelineError, SceneError, SceneReadError
 from pipeline.grid import Box, Span
-from pipeline.readers import check_bands, open_scene, read_window
+from pipeline.readers import check_bands, open_scene, pixel_validity, read_window
 from pipeline.scene import SceneInfo
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -102,6 +103,7 @@ def test_open_scene_reads_the_header(tmp_path: Path) -> None:
         block_shape=(16, 16),
         size_bytes=stat.st_size,
         mtime_ns=stat.st_mtime_ns,
+        colorinterp=("gray", "undefined"),
     )
     assert info.crs is not None and CRS.from_wkt(info.crs).to_epsg() == 32633
 
@@ -227,11 +229,12 @@ def test_rpc_only_georeferencing_is_refused(tmp_path: Path) -> None:
 # --- check_bands ---------------------------------------------------------------------
 
 
-def scene(count: int, dtype: str = "uint8", name: str = "scene.tif") -> SceneInfo:
+def scene(count: int, dtype: str = "uint8", name: str = "scene.tif",
+          colorinterp: tuple[str, ...] = ()) -> SceneInfo:
     return SceneInfo(
         path=f"/data/{name}", shape=(10, 10), count=count, dtype=dtype, crs=None,
         transform=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0), nodata=None, block_shape=(10, 10),
-        size_bytes=100, mtime_ns=0,
+        size_bytes=100, mtime_ns=0, colorinterp=colorinterp,
     )  # fmt: skip
 
 
@@ -272,6 +275,37 @@ def test_check_bands_refuses_a_dtype_the_model_does_not_accept() -> None:
         "scene.tif has dtype float32; the model accepts ['uint8', 'uint16'] "
         "(convert the scene first, e.g. gdal_translate -ot uint8)"
     )
+
+
+def test_check_bands_one_band_palette_scene_is_told_to_expand_not_repeat() -> None:
+    """A palette band holds indices into a colour table: repeating it as R, G and B
+    feeds the network indices as if they were intensities.
+
+    Teeth: check_bands() without the palette bands (_bands_problem(name, count, bands))
+    gives the "repeat band 1" advice for [1, 2, 3] and accepts [1]: both cases fail.
+    """
+    pal = scene(1, name="pal.tif", colorinterp=("palette",))
+    with pytest.raises(SceneError) as caught:
+        check_bands(pal, [1, 2, 3])
+    message = str(caught.value)
+    assert message.startswith("pal.tif has 1 band of palette indices")
+    assert "gdal_translate -expand rgb pal.tif pal-rgb.tif" in message
+    assert "repeat" not in message and "[1, 1, 1]" not in message
+    for bands in ([1], [1, 1, 1]):  # a model of matching band count is refused too
+        with pytest.raises(SceneError, match=r"pal\.tif .*gdal_translate -expand rgb"):
+            check_bands(pal, bands)
+    check_bands(scene(1, colorinterp=("gray",)), [1, 1, 1])  # a grey band may be repeated
+
+
+def test_palette_scene_written_here_is_refused_with_the_expand_advice(tmp_path: Path) -> None:
+    """Teeth: open_scene() leaving colorinterp empty makes check_bands accept it: fails."""
+    path = write_tif(tmp_path / "pal.tif", pattern(6, 7) % 4)
+    with rasterio.open(path, "r+") as ds:
+        ds.write_colormap(1, {0: (255, 0, 0, 255), 1: (0, 255, 0, 255), 2: (0, 0, 255, 255)})
+    info = open_scene(path)
+    assert info.colorinterp == ("palette",) and info.palette_bands == (1,)
+    with pytest.raises(SceneError, match=r"^pal\.tif has 1 band of palette indices.*-expand rgb"):
+        check_bands(info, [1, 2, 3])
 
 
 # --- read_window on generated files --------------------------------------------------
@@ -334,6 +368,200 @@ def test_internal_mask_is_the_mask(tmp_path: Path) -> None:
     assert np.array_equal(valid, mask > 0)
 
 
+def test_float_nodata_in_any_band_read_is_invalid(tmp_path: Path) -> None:
+    """A float sentinel in ONE band makes the pixel invalid (it is never a measurement);
+    only bands read count. Integer scenes keep GDAL's all-bands rule (the test above).
+
+    Teeth: read_window() without the float nodata rule (nodata=None for float data)
+    keeps (1, 2) and (3, 4) valid: fails.
+    """
+    array = pattern(5, 6, count=3, dtype="float32") / 10
+    array[:, 0, 0] = -9999  # every band: GDAL's own mask
+    array[1, 1, 2] = -9999  # band 2 only
+    array[2, 3, 4] = -9999  # band 3 only
+    path = write_tif(tmp_path / "fnd.tif", array, nodata=-9999)
+    _, valid = read_window(path, box(0, 5, 0, 6), [1, 2, 3])
+    expected = np.ones((5, 6), bool)
+    expected[0, 0] = expected[1, 2] = expected[3, 4] = False
+    assert np.array_equal(valid, expected)
+    _, valid1 = read_window(path, box(0, 5, 0, 6), [1, 1])  # band 3 not read
+    expected[3, 4] = expected[1, 2] = True
+    assert np.array_equal(valid1, expected)
+
+
+def test_per_band_float_nodata_values_each_apply_to_their_band(tmp_path: Path) -> None:
+    """A VRT declares a different nodata value per band (-9999, -1e20, none): each band's
+    value invalidates a pixel through that band only.
+
+    Teeth: comparing every band with band 1's value (ds.nodata) misses (2, 1): fails.
+    """
+    array = pattern(4, 5, count=3, dtype="float32") / 10
+    array[0, 1, 1] = -9999  # band 1's nodata
+    array[1, 2, 1] = np.float32(-1e20)  # band 2's nodata
+    array[1, 3, 3] = -9999  # band 2 holds band 1's value: a measurement there
+    array[2, 0, 4] = -9999  # band 3 has no nodata value
+    source = write_tif(tmp_path / "src.tif", array)
+    path = write_vrt(tmp_path / "per-band.vrt", source, "Float32", [-9999, -1e20, None])
+    assert open_scene(path).nodata == -9999
+    data, valid = read_window(path, box(0, 4, 0, 5), [1, 2, 3])
+    assert np.array_equal(data, array)
+    expected = np.ones((4, 5), bool)
+    expected[1, 1] = expected[2, 1] = False
+    assert np.array_equal(valid, expected)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nan_and_infinity_in_any_band_read_are_invalid(tmp_path: Path, value: float) -> None:
+    """Teeth: read_window() testing only np.isnan lets +-inf through: the inf cases fail."""
+    array = pattern(5, 6, count=2, dtype="float32")
+    array[1, 2, 3] = value
+    path = write_tif(tmp_path / "nonfinite.tif", array, nodata=-9999)
+    _, valid = read_window(path, box(0, 5, 0, 6), [1, 2])
+    assert np.array_equal(valid, np.isfinite(array).all(axis=0))
+    assert not valid[2, 3] and valid.sum() == 29
+    _, unread = read_window(path, box(0, 5, 0, 6), [1])
+    assert unread.all()
+
+
+def five_bands_with_alpha(path: Path, position: int) -> tuple[Path, np.ndarray]:
+    """A 5-band float32 scene whose band ``position`` has colour interpretation alpha."""
+    array = pattern(8, 9, count=5, dtype="float32")
+    alpha = np.full((8, 9), 255, np.float32)
+    alpha[2:4, 3:7] = 0
+    array[position - 1] = alpha
+    write_tif(path, array)
+    with rasterio.open(path, "r+") as ds:
+        interp = [ColorInterp.undefined] * 5
+        interp[position - 1] = ColorInterp.alpha
+        ds.colorinterp = interp
+    return path, alpha
+
+
+@pytest.mark.parametrize("position", [1, 3, 5])
+def test_alpha_band_in_any_position_is_a_mask(tmp_path: Path, position: int) -> None:
+    """GDAL takes alpha from band 2 of 2 and band 4 of 4 only: here its own mask is all
+    valid, and the bands' colour interpretation is what makes the alpha count.
+
+    Teeth: read_window() without the colour-interpretation alpha loop: all valid, fails.
+    """
+    path, alpha = five_bands_with_alpha(tmp_path / f"alpha{position}.tif", position)
+    with rasterio.open(path) as ds:
+        assert ds.colorinterp[position - 1] == ColorInterp.alpha
+        assert (ds.dataset_mask() > 0).all()  # GDAL ignores this alpha band
+    others = [b for b in range(1, 6) if b != position]
+    for bands in (others, [position], others[:1]):
+        _, valid = read_window(path, box(0, 8, 0, 9), bands)
+        assert np.array_equal(valid, alpha > 0), bands
+    _, part = read_window(path, box(1, 5, 2, 9), others[:2])
+    assert np.array_equal(part, alpha[1:5, 2:9] > 0)
+
+
+def test_pixel_validity_by_value() -> None:
+    """The value rules on their own (what tasks use for a nodata.input override).
+
+    Teeth: the integer branch using any-band (like floats) marks (0, 1) invalid: fails.
+    """
+    ints = np.array([[[0, 0, 5]], [[0, 7, 0]]], dtype=np.uint8)  # (2 bands, 1, 3)
+    assert pixel_validity(ints, 0).tolist() == [[False, True, True]]
+    assert pixel_validity(ints).all()
+    floats = ints.astype(np.float32)
+    assert pixel_validity(floats, 0.0).tolist() == [[False, False, False]]
+    floats[1, 0, 2] = np.inf
+    assert pixel_validity(floats, [None, 7.0]).tolist() == [[True, False, False]]
+    assert pixel_validity(floats, np.nan).tolist() == [[True, True, False]]
+    with pytest.raises(ValueError, match="2 nodata values, got 3"):
+        pixel_validity(floats, [1.0, 2.0, 3.0])
+
+
+# --- values a dtype cannot hold, dtypes a model cannot be fed ----------------------------
+
+
+def write_vrt(path: Path, source: Path, data_type: str, nodata: list[float | None]) -> Path:
+    """A VRT over ``source`` declaring ``data_type`` and a nodata value per band as given
+    (a VRT keeps values that GeoTIFF or rasterio would round or drop)."""
+    with rasterio.open(source) as src:
+        rows, cols = src.shape
+        geo = ",".join(str(v) for v in src.transform.to_gdal())
+    bands = "".join(
+        f'<VRTRasterBand dataType="{data_type}" band="{i}">'
+        + ("" if value is None else f"<NoDataValue>{value!r}</NoDataValue>")
+        + f'<SimpleSource><SourceFilename relativeToVRT="1">{source.name}</SourceFilename>'
+        f"<SourceBand>{i}</SourceBand></SimpleSource></VRTRasterBand>"
+        for i, value in enumerate(nodata, start=1)
+    )
+    path.write_text(
+        f'<VRTDataset rasterXSize="{cols}" rasterYSize="{rows}"><SRS>EPSG:32633</SRS>'
+        f"<GeoTransform>{geo}</GeoTransform>{bands}</VRTDataset>"
+    )
+    return path
+
+
+def test_nodata_300_on_uint8_is_refused(tmp_path: Path) -> None:
+    """rasterio reports such a value as no nodata at all (and GDAL masks nothing).
+
+    Teeth: _declared_nodata() returning ds.nodatavals (rasterio's view): the scene opens
+    with nodata None and this fails.
+    """
+    path = write_tif(tmp_path / "u300.tif", pattern(4, 5))
+    with rasterio.open(path, "r+") as ds:
+        ds.nodata = 300
+    with rasterio.open(path) as ds:
+        assert ds.nodata is None  # what rasterio says
+    with pytest.raises(SceneError) as caught:
+        open_scene(path)
+    assert str(caught.value) == (
+        "u300.tif: nodata value 300 is outside the uint8 range (0 to 255); set one its pixels "
+        "can hold (gdal_edit.py -a_nodata VALUE u300.tif) or remove it "
+        "(gdal_edit.py -unsetnodata u300.tif)"
+    )
+
+
+def test_nodata_half_on_uint8_is_refused(tmp_path: Path) -> None:
+    """Teeth: nodata_problem() without the integer check lets 0.5 through: fails."""
+    path = write_tif(tmp_path / "half.tif", pattern(4, 5))
+    with rasterio.open(path, "r+") as ds:
+        ds.nodata = 0.5
+    with pytest.raises(SceneError, match=r"^half\.tif: nodata value 0\.5 is not an integer, and "
+                                         r"uint8 pixels hold integers only \(0 to 255\); .*"
+                                         r"gdal_edit\.py -unsetnodata half\.tif"):
+        open_scene(path)
+
+
+def test_nodata_beyond_float32_is_refused_and_inf_nan_accepted(tmp_path: Path) -> None:
+    """Teeth: nodata_problem() without the float range check opens the -1e40 scene: fails."""
+    source = write_tif(tmp_path / "f.tif", pattern(4, 5, dtype="float32"))
+    with pytest.raises(SceneError, match=r"^big\.vrt: nodata value -1e\+40 is outside the "
+                                         r"float32 range \(-3\.403e\+38 to 3\.403e\+38\)"):
+        open_scene(write_vrt(tmp_path / "big.vrt", source, "Float32", [-1e40]))
+    for value in (float("inf"), float("-inf"), float("nan"), -1e20, -9999.0):
+        info = open_scene(write_vrt(tmp_path / "ok.vrt", source, "Float32", [value]))
+        assert info.nodata is not None and repr(info.nodata) == repr(value)
+
+
+def test_per_band_nodata_out_of_range_names_the_band(tmp_path: Path) -> None:
+    """Teeth: _check_pixels() checking only band 1's value opens the scene: fails."""
+    source = write_tif(tmp_path / "i.tif", pattern(4, 5, count=2, dtype="int16"))
+    path = write_vrt(tmp_path / "two.vrt", source, "Int16", [-1, 40000])
+    with pytest.raises(SceneError, match=r"^two\.vrt: nodata value of band 2 40000 is outside "
+                                         r"the int16 range \(-32768 to 32767\)"):
+        open_scene(path)
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "complex_int16", "complex128"])
+def test_complex_scenes_are_refused_at_the_header(tmp_path: Path, dtype: str) -> None:
+    """Teeth: _check_pixels() without the complex branch: every complex dtype gets the
+    generic non-numeric message, without the amplitude advice: fails."""
+    path = tmp_path / "sar.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=4, width=5, count=1, dtype=dtype,
+                       crs="EPSG:32633", transform=TRANSFORM):
+        pass
+    with pytest.raises(SceneError) as caught:
+        open_scene(path)
+    message = str(caught.value)
+    assert message.startswith(f"sar.tif has complex pixels ({dtype}), which a model cannot be fed")
+    assert "convert them to amplitude first" in message and "\n" not in message
+
+
 @pytest.mark.parametrize(
     "bad", [box(0, 10, 0, 8), box(0, 9, 0, 9), box(-1, 2, 0, 2), box(3, 3, 0, 2), box(0, 2, 5, 4)]
 )
@@ -387,7 +615,8 @@ def test_read_window_of_a_large_striped_file(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def rasters(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, np.ndarray, str]]:
-    """Three layouts: tiled uint16 with nodata, striped float32 with NaN, RGBA uint8."""
+    """Four layouts: tiled uint16 with nodata, striped float32 with NaN, RGBA uint8, and
+    tiled float32 with a nodata value, NaN and infinities, each in single bands."""
     root = tmp_path_factory.mktemp("readers")
     rng = np.random.default_rng(0)
 
@@ -413,7 +642,16 @@ def rasters(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, np.nda
         blockysize=16,
         alpha="YES",
     )
-    return [(tiled, nodata, "nodata"), (striped, floats, "nan"), (alpha, rgba, "alpha")]
+    sentinels = rng.normal(size=(3, 37, 41)).astype("float32")
+    for value in (-9999, np.nan, np.inf, -np.inf):
+        sentinels[rng.random(sentinels.shape) < 0.03] = value
+    sentinels[:, rng.random((37, 41)) < 0.05] = -9999
+    float_nodata = write_tif(
+        root / "float-nodata.tif", sentinels, nodata=-9999, tiled=True, blockxsize=16,
+        blockysize=16,
+    )
+    return [(tiled, nodata, "nodata"), (striped, floats, "nan"), (alpha, rgba, "alpha"),
+            (float_nodata, sentinels, "float-nodata")]
 
 
 def expected_valid(array: np.ndarray, kind: str, bands: list[int]) -> np.ndarray:
@@ -421,13 +659,16 @@ def expected_valid(array: np.ndarray, kind: str, bands: list[int]) -> np.ndarray
         return (array != 0).any(axis=0)
     if kind == "nan":
         return ~np.isnan(array[[b - 1 for b in bands]]).any(axis=0)
+    if kind == "float-nodata":
+        read = array[[b - 1 for b in bands]]
+        return (np.isfinite(read) & (read != -9999)).all(axis=0)
     return array[3] > 0
 
 
 @st.composite
 def reads(draw: st.DrawFn) -> tuple[int, Box, list[int]]:
-    which = draw(st.integers(0, 2))
-    rows, cols, count = [(45, 71, 3), (33, 29, 2), (20, 50, 4)][which]
+    which = draw(st.integers(0, 3))
+    rows, cols, count = [(45, 71, 3), (33, 29, 2), (20, 50, 4), (37, 41, 3)][which]
     r0 = draw(st.integers(0, rows - 1))
     c0 = draw(st.integers(0, cols - 1))
     r1 = draw(st.integers(r0 + 1, rows))
@@ -443,13 +684,15 @@ def reads(draw: st.DrawFn) -> tuple[int, Box, list[int]]:
 def test_read_window_equals_slicing_the_whole_array(
     rasters: list[tuple[Path, np.ndarray, str]], case: tuple[int, Box, list[int]]
 ) -> None:
+    """Teeth: read_window() without the float nodata rule, or with np.isnan for the
+    finite check, fails on the float-nodata layout."""
     which, window, bands = case
     path, array, kind = rasters[which]
     data, valid = read_window(path, window, bands)
     rows, cols = window.slices()
     want = array[[b - 1 for b in bands]][:, rows, cols]
     assert data.dtype == array.dtype
-    assert np.array_equal(data, want, equal_nan=kind == "nan")
+    assert np.array_equal(data, want, equal_nan=kind in ("nan", "float-nodata"))
     assert np.array_equal(valid, expected_valid(array, kind, bands)[rows, cols])
 
 
