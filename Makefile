@@ -3,6 +3,7 @@
 # already met and pip never fetches a multi-GB CUDA build. On a machine whose
 # package index serves CUDA builds by default, point TORCH_INDEX at a CPU index
 # (or set TORCH to the build you want).
+# `make demo` installs only what running needs; `make test` adds the test tools.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -10,22 +11,36 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 
-.PHONY: install demo test bench clean
+.PHONY: install install-test demo test check bench clean
 
-$(BIN)/fcn-pipeline: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-install: $(BIN)/fcn-pipeline
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/fcn-pipeline sample-scenes $(DEMO_DIR)/scenes --count 2 --size 2048
 	$(BIN)/fcn-pipeline run "$(DEMO_DIR)/scenes/*.tif" --model demo --out $(DEMO_DIR)/out
 
-test: install
+# The gates first (lint and types take seconds), then the suite; pytest's exit code 5
+# (no tests collected) counts as a pass.
+check: install-test
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/mypy
+
+test: check
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:

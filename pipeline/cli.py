@@ -1,55 +1,96 @@
 """The ``fcn-pipeline`` command: parse, call one function, show the result.
 
-Exit codes: 0 success, 1 some scene failed (the others completed), 2 usage
-errors (bad options, settings or model spec).
+Exit codes: 0 success; 1 some scene failed (the others completed) or an output
+could not be written; 2 usage errors (bad options, settings, model spec, paths,
+outputs that would replace files this tool did not make); 130 and 143 when stopped
+by SIGINT or SIGTERM (scenes recorded as interrupted; the same command resumes).
+
+Heavy imports (torch, Dask) happen inside the commands that need them, after
+everything that can be checked without them: a usage error answers at once.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any, NoReturn
 
 import click
 
 from pipeline._version import __version__
-from pipeline.errors import ConfigError, ModelError, PipelineError
+from pipeline.errors import ConfigError, ModelError, OutputError, PipelineError
+from pipeline.signals import Interrupted, stop_on_signals
 
 TILE_SIZES = (512, 1024, 2048)
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+class _Cli(click.Group):
+    """The command group; SIGINT and SIGTERM stop any command with one line and 128 + N."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        with stop_on_signals():
+            try:
+                return super().main(*args, **kwargs)
+            except Interrupted as exc:
+                click.echo(f"fcn-pipeline: interrupted by {exc.name}", err=True)
+                sys.exit(exc.exit_code)
 
 
 class _UsageError(click.UsageError):
     """A usage error from our own validation (exit code 2)."""
 
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
 
-def _fail_usage(exc: Exception) -> None:
-    raise _UsageError(str(exc)) from exc
+
+def _fail_usage(exc: Exception) -> NoReturn:
+    raise _UsageError(_one_line(exc)) from exc
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _fail(exc: Exception) -> NoReturn:
+    click.echo(f"error: {_one_line(exc)}", err=True)
+    sys.exit(EXIT_FAILED)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fcn-pipeline")
 def main() -> None:
-    """Exact tiled inference of fully convolutional networks over large scenes."""
+    """Exact tiled inference of fully convolutional networks over large scenes.
+
+    Exit codes: 0 success, 1 some scene failed or an output could not be written,
+    2 usage error, 130/143 stopped by SIGINT/SIGTERM (rerun the command to resume).
+    """
 
 
 @main.command()
 @click.argument("models", nargs=-1)
 @click.option("--tile-sizes", default=",".join(map(str, TILE_SIZES)), show_default=True,
               help="Comma-separated tile sizes for the overhead columns.")
-def inspect(models: tuple[str, ...], tile_sizes: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def inspect(models: tuple[str, ...], tile_sizes: str, as_json: bool) -> None:
     """Receptive field, stride, halo and overhead of built-in architectures or model specs.
 
-    MODELS are built-in names (see `fcn-pipeline inspect` with none for all),
-    model spec files, or `demo`.
+    MODELS are built-in names (all of them when none is given), model spec files,
+    or demo.
     """
-    from pipeline.inspection import inspect_rows, render_table
+    from pipeline.inspection import inspect_rows, render_table, rows_as_json
 
     try:
         sizes = tuple(int(s) for s in tile_sizes.split(",") if s.strip())
         rows = inspect_rows(models, sizes)
-    except ValueError as exc:
+    except (ValueError, PipelineError) as exc:
         _fail_usage(exc)
-    click.echo(render_table(rows, sizes))
+    click.echo(json.dumps(rows_as_json(rows, sizes), indent=2) if as_json
+               else render_table(rows, sizes))
 
 
 @main.command("sample-scenes")
@@ -65,15 +106,17 @@ def sample_scenes(directory: Path, size: int, count: int, seed: int) -> None:
         written = write_sample_scenes(directory, size=size, count=count, seed=seed)
     except ConfigError as exc:
         _fail_usage(exc)
+    except OSError as exc:
+        _fail(exc)
     for sample in written:
         click.echo(f"{sample.scene}  (true labels: {sample.labels})")
 
 
-def _progress_printer(stream=sys.stderr):  # type: ignore[no-untyped-def]
+def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
     tty = stream.isatty()
     last = [0.0]
 
-    def show(event) -> None:  # type: ignore[no-untyped-def]
+    def show(event: Any) -> None:
         rate = event.pixels_done / 1e6 / event.elapsed if event.elapsed else 0.0
         text = (f"tiles {event.tiles_done}/{event.tiles_total} "
                 f"({100 * event.tiles_done / max(1, event.tiles_total):.0f}%)  "
@@ -93,18 +136,19 @@ def _progress_printer(stream=sys.stderr):  # type: ignore[no-untyped-def]
 
 @main.command()
 @click.argument("scenes", nargs=-1)
-@click.option("--out", "output", type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--model", help="Model spec file, or `demo` (the default).")
+@click.option("--out", "output", help="Output folder (created when a scene runs).")
+@click.option("--model", help="Model spec file, or demo (the default).")
 @click.option("--workflow", type=click.Path(dir_okay=False),
               help="Workflow file (settings: file < FCN_PIPELINE_* environment < options).")
 @click.option("--date", help="Run date for {date} in the workflow, YYYY-MM-DD (default: today, UTC).")
 @click.option("--tile-size", help="Core tile size in pixels, or auto (default): the best "
               "estimated throughput within --memory-budget.")
-@click.option("--memory-budget", help="Memory one inference task may use, e.g. 2GiB (default: 60 %% "
-              "of the GPU, or of RAM shared between workers).")
+@click.option("--memory-budget", help="Memory one inference task may use, e.g. 2GiB (default: "
+              "60 percent of the GPU, or of the RAM shared between workers).")
 @click.option("--batch-size", type=int, help="Tiles per task and per forward pass (default 1).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default auto.")
-@click.option("--scheduler", help="Dask scheduler address (else DASK_SCHEDULER_ADDRESS, else an embedded cluster).")
+@click.option("--scheduler", help="Dask scheduler address (else DASK_SCHEDULER_ADDRESS, else an "
+              "embedded cluster).")
 @click.option("--cluster", type=click.Choice(["kubernetes"]),
               help="Create an ephemeral Dask cluster for this run (needs fcn-pipeline[kubernetes]).")
 @click.option("--cluster-spec", type=click.Path(dir_okay=False),
@@ -119,11 +163,18 @@ def _progress_printer(stream=sys.stderr):  # type: ignore[no-untyped-def]
               help="torch.compile the model once per worker.")
 @click.option("--gpu-resource/--no-gpu-resource", default=None,
               help="Inference tasks ask for the Dask resource GPU=1 (default: when --device is cuda).")
-@click.option("--probabilities/--no-probabilities", default=None, help="Also store per-class float16 scores.")
+@click.option("--probabilities/--no-probabilities", default=None,
+              help="Also store per-class float16 scores.")
 @click.option("--allow-no-crs", is_flag=True, default=None, help="Process scenes without a CRS.")
 @click.option("--overwrite", is_flag=True, default=None,
-              help="Replace outputs made with another input, model or settings.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (tiles, halo, overhead, memory); compute nothing.")
+              help="Start every scene from nothing and replace its outputs once the new ones "
+              "are published, also outputs made otherwise (never an input scene).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and what each scene would need "
+              "(skip, resume, start, refusal); compute and write nothing; exit as the run would.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the plan (with --dry-run) or the outcome as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print what is decided for each scene.")
 def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow: str | None,
         date: str | None, tile_size: str | None, memory_budget: str | None,
         batch_size: int | None, device: str | None,
@@ -131,14 +182,18 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
         workers: int | None, threads_per_worker: int | None, precision: str | None,
         channels_last: bool | None, compile_model: bool | None, gpu_resource: bool | None,
         probabilities: bool | None, allow_no_crs: bool | None, overwrite: bool | None,
-        dry_run: bool) -> None:
-    """Label SCENES (GeoTIFF paths or glob patterns) into Zarr stores and COGs in --out."""
+        dry_run: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Label SCENES (GeoTIFF files, or glob patterns for names that are not files) into
+    a Zarr store and a COG each in --out."""
     from contextlib import ExitStack
 
     from pipeline.config import parse_bytes, resolve, values_from_env
-    from pipeline.journal import check_unlocked
+    from pipeline.preflight import preflight
     from pipeline.workflow import load_workflow
 
+    if quiet and verbose:
+        _fail_usage(ConfigError("-q/--quiet and -v/--verbose exclude each other"))
+    say: Callable[[str], None] = (lambda m: click.echo(m, err=True)) if verbose else (lambda m: None)
     try:
         if date is not None and workflow is None:
             raise ConfigError("--date fills {date} in a workflow file: pass --workflow FILE too")
@@ -153,26 +208,53 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
             "gpu_resource": gpu_resource, "precision": precision,
             "channels_last": channels_last, "compile": compile_model,
         })
-        if config.output and not dry_run:  # before loading torch and the model
-            check_unlocked(Path(config.output).absolute())
+        checked = preflight(config)  # before loading torch or starting a cluster
         from pipeline.run import run as run_scenes
 
         with ExitStack() as stack:
             if cluster == "kubernetes":
                 config = _kubernetes(stack, config, cluster_spec, dry_run)  # type: ignore[arg-type]
             report = run_scenes(
-                config, dry_run=dry_run, on_progress=_progress_printer(),
-                on_dashboard=lambda link: click.echo(f"Dask dashboard: {link}", err=True),
+                config, dry_run=dry_run, checked=checked, log=say,
+                on_progress=None if quiet or as_json else _progress_printer(),
+                on_dashboard=None if quiet else
+                (lambda link: click.echo(f"Dask dashboard: {link}", err=True)),
             )
     except (ConfigError, ModelError) as exc:
         _fail_usage(exc)
-    click.echo(report.plan_text if dry_run else _summary(report))
-    if not dry_run and report.manifest:
-        click.echo(f"outputs in {report.manifest.parent} (manifest {report.manifest.name})")
+    except OutputError as exc:
+        _fail(exc)
+    _show_report(report, dry_run, as_json, quiet)
+
+
+def _show_report(report: Any, dry_run: bool, as_json: bool, quiet: bool) -> NoReturn:
+    """Print a run's outcome and exit with its code."""
     failed = [s for s in report.scenes if s.status == "failed"]
+    if as_json:
+        from dataclasses import asdict
+
+        payload = report.plan if dry_run else {
+            "manifest": str(report.manifest) if report.manifest else None,
+            "interrupted": report.interrupted, "scenes": [asdict(s) for s in report.scenes]}
+        click.echo(json.dumps(payload, indent=2, default=str))
+    elif not quiet and not report.interrupted:
+        click.echo(report.plan_text if dry_run else _summary(report))
+        if not dry_run and report.manifest:
+            click.echo(f"outputs in {report.manifest.parent} (manifest {report.manifest.name})")
     for scene in failed:
         click.echo(f"error: {Path(scene.scene).name}: {scene.error}", err=True)
-    sys.exit(1 if failed else 0)
+    if report.refusal:
+        click.echo(f"error: {report.refusal}", err=True)
+        sys.exit(EXIT_USAGE)
+    if report.interrupted:
+        import signal
+
+        name = signal.Signals(report.interrupted).name
+        left = sum(s.status == "interrupted" for s in report.scenes)
+        click.echo(f"fcn-pipeline: interrupted by {name}: {left} scene(s) recorded as "
+                   "interrupted; run the same command again to resume", err=True)
+        sys.exit(128 + report.interrupted)
+    sys.exit(EXIT_FAILED if failed else 0)
 
 
 def _tile_size(text: str | None) -> int | None:
@@ -202,16 +284,43 @@ def _kubernetes(stack, config, cluster_spec: str, dry_run: bool):  # type: ignor
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--date", help="Run date for {date}, YYYY-MM-DD (default: today in UTC).")
 def validate(workflow: str, date: str | None) -> None:
-    """Check a WORKFLOW file; print the configuration it gives, defaults filled in."""
+    """Check a WORKFLOW file, the files it names and its output folder; print the
+    configuration it gives, defaults filled in."""
     import yaml
 
+    from pipeline.preflight import check_named_files
     from pipeline.workflow import validate_workflow
 
     try:
         config = validate_workflow(workflow, date=date)
+        check_named_files(config)
     except ConfigError as exc:
         _fail_usage(exc)
     click.echo(yaml.safe_dump(config.to_tree(), sort_keys=False), nl=False)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def verify(directory: Path, as_json: bool) -> None:
+    """Check the published outputs in DIRECTORY against the checksums its manifest and
+    journal recorded; exit 1 and name every damaged file."""
+    from pipeline.verification import verify_outputs
+
+    try:
+        findings = verify_outputs(directory)
+    except ConfigError as exc:
+        _fail_usage(exc)
+    damaged = [f for f in findings if not f.ok]
+    if as_json:
+        click.echo(json.dumps([f.to_json() for f in findings], indent=2))
+    else:
+        for finding in findings:
+            click.echo(f"{'ok     ' if finding.ok else 'DAMAGED'}  {finding.path}"
+                       + (f": {finding.problem}" if finding.problem else ""))
+    if damaged:
+        click.echo(f"error: {len(damaged)} damaged output file(s) in {directory}", err=True)
+    sys.exit(EXIT_FAILED if damaged else 0)
 
 
 @main.command("bench-memory")
@@ -219,12 +328,12 @@ def validate(workflow: str, date: str | None) -> None:
               help="Comma-separated scene sizes (pixels per side).")
 @click.option("--tile-size", type=int, help="Tile size for the runs (default: run's default).")
 @click.option("--workers", type=int, help="Workers of the embedded cluster.")
-@click.option("--model", default="demo", show_default=True, help="Model spec or `demo`.")
+@click.option("--model", default="demo", show_default=True, help="Model spec or demo.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the temporary scenes go (default: the system's temporary folder).")
 def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: str,
                  workdir: Path | None) -> None:
-    """Peak memory of the whole process tree and Mpx/s of `run` on generated scenes."""
+    """Peak memory of the whole process tree and Mpx/s of run on generated scenes."""
     from pipeline.benchmark import memory_benchmark, render_memory
 
     try:
@@ -239,7 +348,7 @@ def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: 
 
 @main.command()
 @click.option("--model", default="demo", show_default=True,
-              help="`demo`, a model spec file, or a built-in architecture name (random weights).")
+              help="demo, a model spec file, or a built-in architecture name (random weights).")
 @click.option("--size", default=2048, show_default=True, help="Side of the generated scene (px).")
 @click.option("--tile-size", type=int, help="Tile size of (b), (c), (d) (default: what run picks).")
 @click.option("--workers", type=int, help="Workers of the run (default: --threads on cpu, 1 on cuda).")
@@ -258,10 +367,8 @@ def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: 
 def bench(model: str, size: int, tile_size: int | None, workers: int | None,
           threads: int | None, repeats: int, device: str, arguments: tuple[str, ...],
           skip_run: bool, workdir: Path | None, as_json: bool, scaling: str | None) -> None:
-    """Throughput of (a) the bare model, (b) exact tiling in memory, (c) `run` end to end and
-    (d) 25 %-overlap sliding windows, on one generated scene, with their ratios."""
-    import json
-
+    """Throughput of (a) the bare model, (b) exact tiling in memory, (c) run end to end and
+    (d) 25 percent overlap sliding windows, on one generated scene, with their ratios."""
     import yaml
 
     from pipeline.throughput import (
@@ -294,8 +401,8 @@ def bench(model: str, size: int, tile_size: int | None, workers: int | None,
     except (ConfigError, ModelError) as exc:
         _fail_usage(exc)
     click.echo(json.dumps(result, indent=2) if as_json else render_throughput(result))
-    run = result["run"]
-    sys.exit(1 if run and run["exit_code"] else 0)
+    outcome = result["run"]
+    sys.exit(1 if outcome and outcome["exit_code"] else 0)
 
 
 @main.group()
@@ -355,23 +462,26 @@ def demo_speed(threads: int, repeats: int) -> None:
         click.echo(f"{size} x {size}: {speed:.1f} Mpx/s ({threads} threads)")
 
 
-def _summary(report) -> str:  # type: ignore[no-untyped-def]
-    header = f"{'scene':<24} {'size':>13} {'tiles':>6} {'seconds':>8} {'Mpx/s':>7}  {'status':<7} outputs"
+def _summary(report: Any) -> str:
+    header = (f"{'scene':<24} {'width x height':>15} {'tiles':>6} {'seconds':>8} {'Mpx/s':>7}  "
+              f"{'status':<11} outputs")
     lines = [header, "-" * len(header)]
     for s in report.scenes:
-        size = f"{s.shape[0]}x{s.shape[1]}" if s.shape else "-"
+        size = f"{s.shape[1]}x{s.shape[0]}" if s.shape else "-"
         outputs = ", ".join(Path(p).name for p in s.outputs.values()) or "-"
         status = "skipped" if s.skipped else s.status
-        lines.append(f"{s.stem:<24} {size:>13} {s.tiles:>6} {s.seconds:>8.1f} "
-                     f"{s.megapixels_per_second:>7.2f}  {status:<7} {outputs}")
+        lines.append(f"{s.stem:<24} {size:>15} {s.tiles:>6} {s.seconds:>8.1f} "
+                     f"{s.megapixels_per_second:>7.2f}  {status:<11} {outputs}")
     if any(s.skipped for s in report.scenes):
-        lines.append("skipped: already published with the same input, model and settings")
+        lines.append("skipped: already published with the same input, model and settings "
+                     "(figures of the run that made them)")
     return "\n".join(lines)
 
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def status(directory: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest's scenes as JSON.")
+def status(directory: Path, as_json: bool) -> None:
     """Per-scene status of the run that writes or wrote DIRECTORY (from its manifest)."""
     from pipeline.journal import SceneRecord, read_manifest
 
@@ -379,15 +489,24 @@ def status(directory: Path) -> None:
         manifest = read_manifest(directory)
     except ConfigError as exc:
         _fail_usage(exc)
-    header = (f"{'scene':<24} {'status':<8} {'tiles':>11} {'attempts':>8} {'seconds':>8}  error")
-    lines = [header, "-" * len(header)]
+    scenes = []
     for scene in manifest["scenes"]:
-        done = scene["tiles_done"]
-        if scene["status"] == "running":  # live (or killed) run: count the tile records
-            done = len(SceneRecord(directory.absolute(), scene["stem"]).tiles_done())
-        error = (scene["error"] or "").splitlines()[0] if scene["error"] else ""
-        lines.append(f"{scene['stem']:<24} {scene['status']:<8} {done:>5}/{scene['tiles']:<5} "
-                     f"{scene['attempts']:>8} {scene['seconds']:>8.1f}  {error}")
+        scene = dict(scene)
+        if scene.get("status") == "running":  # live (or killed) run: count the tile records
+            scene["tiles_done"] = len(SceneRecord(directory.absolute(), scene["stem"]).tiles_done())
+        scenes.append(scene)
+    if as_json:
+        click.echo(json.dumps({"status": manifest.get("status"), "run_id": manifest.get("run_id"),
+                               "scenes": scenes}, indent=2))
+        return
+    header = f"{'scene':<24} {'status':<11} {'tiles':>11} {'attempts':>8} {'seconds':>8}  error"
+    lines = [header, "-" * len(header)]
+    for scene in scenes:
+        error = (scene.get("error") or "").splitlines()[0] if scene.get("error") else ""
+        status_word = "skipped" if scene.get("skipped") else scene.get("status", "?")
+        lines.append(f"{scene['stem']:<24} {status_word:<11} "
+                     f"{scene.get('tiles_done', 0):>5}/{scene.get('tiles', 0):<5} "
+                     f"{scene.get('attempts', 0):>8} {scene.get('seconds', 0.0):>8.1f}  {error}")
     click.echo("\n".join(lines))
 
 

@@ -85,6 +85,7 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
             dashboard_address=":0",
             resources={GPU_RESOURCE: 1} if spec.gpu else None,
             silence_logs=logging.CRITICAL,  # a failed tile is reported once, by the run
+            preload=["pipeline.worker_setup"],  # Ctrl-C is the run's to handle
         )
     try:
         with Client(cluster) as client:

@@ -39,3 +39,11 @@ class SceneReadError(SceneError, OSError):
 
 class OutputError(PipelineError, OSError):
     """An output cannot be written."""
+
+
+class SceneChangedError(SceneReadError):
+    """A scene file was modified or replaced while the run was reading it."""
+
+
+class RunEnded(OutputError):
+    """A task of a run that has ended (interrupted, or superseded) refused to write."""

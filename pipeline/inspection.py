@@ -44,8 +44,9 @@ def inspect_rows(names: tuple[str, ...], tile_sizes: tuple[int, ...]) -> list[In
         module = _build(name)
         field = receptive_field(module)
         coarse = None
-        if hasattr(module, "features") and hasattr(module, "head"):
-            coarse = receptive_field(nn.Sequential(module.features, module.head))
+        features, head = getattr(module, "features", None), getattr(module, "head", None)
+        if isinstance(features, nn.Module) and isinstance(head, nn.Module):
+            coarse = receptive_field(nn.Sequential(features, head))
         rows.append(InspectRow(name, field, field.halo(), coarse,
                                tuple(interior_overhead(field, t) for t in tile_sizes)))
     return rows
@@ -68,3 +69,19 @@ def render_table(rows: list[InspectRow], tile_sizes: tuple[int, ...]) -> str:
                  "(features + head, FCN paper Table 1); halo: px before/after a tile; "
                  "ovh: pixels computed / pixels output for an interior tile.")
     return "\n".join(lines)
+
+
+def rows_as_json(rows: list[InspectRow], tile_sizes: tuple[int, ...]) -> list[dict[str, object]]:
+    """The rows as plain values (``fcn-pipeline inspect --json``); sizes in px, ``(rows, cols)``."""
+    return [
+        {
+            "model": row.name,
+            "receptive_field": list(row.field.size), "stride": list(row.field.stride),
+            "offset": list(row.field.offset), "align": list(row.field.align),
+            "halo": {"before": list(row.halo.before), "after": list(row.halo.after)},
+            "coarse": None if row.coarse is None else {
+                "receptive_field": list(row.coarse.size), "stride": list(row.coarse.stride)},
+            "overhead": {str(t): o for t, o in zip(tile_sizes, row.overheads)},
+        }
+        for row in rows
+    ]

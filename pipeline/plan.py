@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +17,11 @@ from pipeline.overviews import COG_BLOCKSIZE, overview_factors, tile_levels
 from pipeline.receptive import ReceptiveField, align_up
 from pipeline.scene import SceneInfo
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Characters kept in output names: Unicode letters and digits, ``_``, ``.`` and ``-``.
+_UNSAFE = re.compile(r"[^\w.\-]+")
+#: Longest stem, in UTF-8 bytes: ``STEM.zarr`` and the journal's ``STEM.json`` must fit in
+#: the 255 bytes most file systems allow a name.
+MAX_STEM_BYTES = 200
 
 
 @dataclass(frozen=True)
@@ -26,27 +33,49 @@ class Outputs:
     cog: Path
 
 
-def outputs_for(scene: str | Path, out_dir: Path) -> Outputs:
-    """Output names from a scene's file name, always inside ``out_dir``.
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
-    Characters other than letters, digits, ``.``, ``_`` and ``-`` become
-    ``_``, and a leading dot is dropped, so a name never escapes the
-    directory or hides.
+
+def output_stem(scene: str | Path) -> str:
+    """A safe output name from a scene's file name.
+
+    Unicode letters and digits (NFC-normalised), ``_``, ``.`` and ``-`` are kept;
+    any other run of characters becomes ``_``; a leading dot is dropped, so a name
+    never escapes the output directory or hides; a name too long for a file system
+    is cut and given a digest of the whole name.
     """
-    stem = _UNSAFE.sub("_", Path(scene).stem).lstrip(".") or "scene"
+    name = unicodedata.normalize("NFC", Path(scene).stem)
+    stem = _UNSAFE.sub("_", name).lstrip(".") or "scene"
+    if len(stem.encode("utf-8", "surrogateescape")) > MAX_STEM_BYTES:
+        cut = stem.encode("utf-8", "surrogateescape")[:MAX_STEM_BYTES - 9]
+        stem = cut.decode("utf-8", "ignore") + "-" + _digest(name)
+    return stem
+
+
+def outputs_for(scene: str | Path, out_dir: Path) -> Outputs:
+    """Outputs of one scene named by :func:`output_stem`, always inside ``out_dir``."""
+    stem = output_stem(scene)
     return Outputs(stem, out_dir / f"{stem}.zarr", out_dir / f"{stem}.tif")
 
 
-def check_unique(outputs: list[Outputs], scenes: list[str]) -> None:
-    """Refuse two scenes that would write the same outputs."""
-    seen: dict[str, str] = {}
-    for out, scene in zip(outputs, scenes):
-        if out.stem in seen:
-            raise ConfigError(
-                f"scenes {seen[out.stem]} and {scene} would both write {out.stem}.zarr/.tif; "
-                "rename one or run them into different output directories"
-            )
-        seen[out.stem] = scene
+def name_outputs(scenes: list[str], out_dir: Path) -> list[Outputs]:
+    """Outputs for every scene of a run, no two alike.
+
+    Scenes whose names give the same stem (compared without case, as on
+    case-insensitive file systems) are told apart deterministically: in the order
+    of their absolute paths the first keeps the stem, each other one gets
+    ``-`` and 8 hexadecimal digits of the sha256 of its absolute path.
+    """
+    stems = [output_stem(s) for s in scenes]
+    groups: dict[str, list[int]] = {}
+    for k, stem in enumerate(stems):
+        groups.setdefault(stem.casefold(), []).append(k)
+    for members in groups.values():
+        ordered = sorted(members, key=lambda k: os.path.abspath(scenes[k]))
+        for k in ordered[1:]:
+            stems[k] = f"{stems[k]}-{_digest(os.path.abspath(scenes[k]))}"
+    return [Outputs(stem, out_dir / f"{stem}.zarr", out_dir / f"{stem}.tif") for stem in stems]
 
 
 @dataclass(frozen=True)
@@ -109,9 +138,9 @@ def describe(plans: list[ScenePlan], field: ReceptiveField, memory: MemoryEstima
         grid = plan.grid
         rows, cols = grid.scene_shape
         lines.append(
-            f"{plan.outputs.stem}: {rows}x{cols} px, {len(grid)} tiles "
-            f"({grid.grid_shape[0]}x{grid.grid_shape[1]} of {grid.tile_shape[0]}x{grid.tile_shape[1]}),"
-            f" overhead {grid.overhead:.3f} -> {plan.outputs.store.name}, {plan.outputs.cog.name}"
+            f"{plan.outputs.stem}: {cols}x{rows} px (width x height), {len(grid)} tiles "
+            f"({grid.grid_shape[1]}x{grid.grid_shape[0]} of {grid.tile_shape[1]}x{grid.tile_shape[0]}"
+            f" px), overhead {grid.overhead:.3f} -> {plan.outputs.store.name}, {plan.outputs.cog.name}"
         )
         total_tiles += len(grid)
         total_px += rows * cols

@@ -1,11 +1,26 @@
-"""``run(config)``: plan every scene, run the Dask graph, publish outputs, write the manifest."""
+"""``run(config)``: check, plan every scene, run the Dask graph, publish, write the manifest.
+
+A run goes through these steps:
+
+1. :func:`pipeline.preflight.preflight` (no torch): usage errors, scene headers,
+   content digests, output folder, files that must not be replaced;
+2. the model is built and analysed; its input channels are checked against the
+   spec's bands; each scene's output shape is checked; the tile size is chosen;
+3. each scene's fingerprint (input content, model, settings) decides what to do:
+   skip (published with this fingerprint), resume (work with this fingerprint:
+   only tiles without a valid record), publish (every tile written), start, or a
+   refusal (outputs made otherwise, without ``--overwrite``). ``--dry-run`` stops here;
+4. the output folder is created and locked, the work prepared, the graph run;
+5. SIGINT/SIGTERM (:mod:`pipeline.signals`) stop the tasks, record the scenes as
+   ``interrupted`` and release the lock; a rerun resumes.
+"""
 
 from __future__ import annotations
 
-import glob
 import os
 import platform
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -20,10 +35,16 @@ from pipeline._version import __version__
 from pipeline.analysis import receptive_field
 from pipeline.cluster import ClusterSpec, connect, default_workers
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, ModelError, PipelineError
-from pipeline.graph import SceneFutures, submit_scene
+from pipeline.errors import ConfigError, ModelError, OutputError
+from pipeline.graph import SceneFutures, SceneJob, stop_tasks, submit_scene
 from pipeline.grid import TileGrid
-from pipeline.inference import activation_bytes, output_shape, weight_bytes, window_speeds
+from pipeline.inference import (
+    activation_bytes,
+    input_channels,
+    output_shape,
+    weight_bytes,
+    window_speeds,
+)
 from pipeline.journal import (
     FINGERPRINT_ATTR,
     SceneRecord,
@@ -31,30 +52,32 @@ from pipeline.journal import (
     fingerprint,
     load_window_speeds,
     locked,
+    previous_history,
     save_window_speeds,
+    write_json,
     write_manifest,
 )
 from pipeline.model import build_model
-from pipeline.modelspec import ModelSpec, load_spec, verify_weights
+from pipeline.modelspec import ModelSpec, fill_values
 from pipeline.plan import (
     TILE_CANDIDATES,
     MemoryEstimate,
     ScenePlan,
     TileChoice,
-    check_unique,
     choose_tile_size,
     describe,
-    outputs_for,
 )
-from pipeline.receptive import align_up
+from pipeline.preflight import Preflight, SceneCheck, preflight, save_digests
+from pipeline.receptive import ReceptiveField, align_up
 from pipeline.scene import SceneInfo
-from pipeline.readers import check_bands, open_scene
-from pipeline.receptive import ReceptiveField
+from pipeline.signals import Interrupted, deferred
 from pipeline.tasks import ModelRef
 from pipeline.writers import LabelStoreSpec, create_label_store, create_overview_store
 
-MANIFEST = "run.json"
 _VERSIONED = ("torch", "numpy", "dask", "distributed", "rasterio", "zarr")
+
+#: What a run does with a scene, decided from fingerprints before anything is written.
+SKIP, RESUME, PUBLISH, START = "skip", "resume", "publish", "start"
 
 
 @dataclass
@@ -72,7 +95,12 @@ class SceneResult:
     error: str | None = None
     attempts: int = 0
     skipped: bool = False
+    #: skip, resume, publish or start (see the module docstring); None for a failed scene.
+    action: str | None = None
+    fingerprint: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    #: sha256 of the published COG (``cog``) and of the store's file listing (``zarr``).
+    checksums: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Seconds the scene's tasks spent reading windows, running the model, writing
     #: chunks, and publishing (COG and store), summed over tasks and reading threads.
     work_seconds: dict[str, float] = field(default_factory=dict)
@@ -102,26 +130,16 @@ class RunReport:
     manifest: Path | None
     plan_text: str
     dashboard: str | None = None
+    #: The signal that stopped the run, if one did.
+    interrupted: int | None = None
+    #: The plan as data (``--dry-run --json``).
+    plan: dict[str, Any] = field(default_factory=dict)
+    #: Why the run is refused (a dry run reports it instead of raising ConfigError).
+    refusal: str | None = None
 
     @property
     def ok(self) -> bool:
         return all(s.status == "done" for s in self.scenes)
-
-
-def expand_scenes(patterns: tuple[str, ...]) -> list[str]:
-    """Scene paths from paths and glob patterns, in order, without repeats.
-
-    A pattern that matches nothing is kept as a path, so the scene fails
-    with a clear "no such file" rather than vanishing.
-    """
-    if not patterns:
-        raise ConfigError("no scenes given: pass scene files or patterns, or set scenes in a workflow")
-    seen: dict[str, None] = {}
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        for path in matches or [pattern]:
-            seen.setdefault(path, None)
-    return list(seen)
 
 
 def _resolve_device(device: str, remote: bool) -> str:
@@ -143,25 +161,24 @@ class _Model:
     module: torch.nn.Module
 
 
-def _load_model(source: str) -> _Model:
-    spec = load_spec(source)
-    digest = verify_weights(spec)
+def _load_model(spec: ModelSpec, sha256: str) -> _Model:
     module = build_model(spec)
-    return _Model(spec, digest, receptive_field(module), module)
+    channels = input_channels(module, len(spec.bands))
+    if channels is not None and channels != len(spec.bands):
+        raise ModelError(
+            f"{spec.source}: the model takes {channels} input channels but bands lists "
+            f"{len(spec.bands)} ({list(spec.bands)}); list {channels} scene bands in bands")
+    return _Model(spec, sha256, receptive_field(module), module)
 
 
-def _open_scene(path: str, config: RunConfig, model: _Model) -> SceneInfo:
-    info = open_scene(path, allow_no_crs=config.allow_no_crs)
-    check_bands(info, model.spec.bands, model.spec.dtypes)
-    channels = len(model.spec.bands)
-    shape = output_shape(model.module, (channels, *info.shape))
+def _check_output_shape(info: SceneInfo, model: _Model) -> None:
+    shape = output_shape(model.module, (len(model.spec.bands), *info.shape))
     if tuple(shape[1:]) != info.shape:
         raise ModelError(
-            f"{model.spec.source}: the model gives a {shape[1]}x{shape[2]} output for the "
-            f"{info.shape[0]}x{info.shape[1]} scene {Path(path).name}; label maps need an output "
-            "at the scene's resolution (upsample in the model)"
+            f"{model.spec.source}: the model gives a {shape[2]}x{shape[1]} (width x height) "
+            f"output for the {info.shape[1]}x{info.shape[0]} scene {Path(info.path).name}; label "
+            "maps need an output at the scene's resolution (upsample in the model)"
         )
-    return info
 
 
 def _memory(model: _Model, window: tuple[int, int], batch_size: int) -> MemoryEstimate:
@@ -228,8 +245,8 @@ def _choose_tiles(infos: list[SceneInfo], config: RunConfig, model: _Model,
     budget = _default_budget(config, device)
 
     def window(tile: int) -> tuple[int, int]:
-        return tuple(align_up(tile + halo.before[k] + halo.after[k], field.align[k])  # type: ignore[return-value]
-                     for k in (0, 1))
+        return (align_up(tile + halo.before[0] + halo.after[0], field.align[0]),
+                align_up(tile + halo.before[1] + halo.after[1], field.align[1]))
 
     def memory_of(tile: int) -> int:
         return _memory(model, window(tile), config.batch_size).total
@@ -265,173 +282,375 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its first line, with its class name unless ours."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    first = text[0] if text else ""
+    if type(exc).__module__.startswith("pipeline."):
+        return first or type(exc).__name__
+    return f"{type(exc).__name__}: {first}".strip()
 
 
-def _fingerprint_values(plan: ScenePlan, model: _Model, config: RunConfig,
-                        device: str) -> dict[str, Any]:
-    info = plan.info
+def _spec_values(spec: ModelSpec) -> dict[str, Any]:
+    """What of the spec decides the outputs besides the weights."""
     return {
-        "scene": info.path, "size_bytes": info.size_bytes, "mtime_ns": info.mtime_ns,
-        "shape": list(info.shape), "model_sha256": model.sha256, "model_name": model.spec.name,
-        "bands": list(model.spec.bands), "tile_shape": list(plan.grid.tile_shape),
+        "bands": list(spec.bands), "normalization": asdict(spec.normalization),
+        "nodata": [spec.nodata_input, spec.nodata_output],
+        "fill": [float(v) for v in fill_values(spec)],
+        "classes": [[c.name, list(c.color)] for c in spec.classes],
+    }
+
+
+def _fingerprint_values(plan: ScenePlan, check: SceneCheck, model: _Model, config: RunConfig,
+                        device: str) -> dict[str, Any]:
+    """What decides a scene's outputs: the scene's content (not its path or modification
+    time: a copied or regenerated identical scene is the same input), model, settings."""
+    return {
+        "scene_sha256": check.digest, "shape": list(plan.info.shape),
+        "model_sha256": model.sha256, "model_name": model.spec.name,
+        "spec": _spec_values(model.spec), "tile_shape": list(plan.grid.tile_shape),
         "halo": asdict(plan.grid.halo), "probabilities": config.probabilities, "device": device,
         "precision": config.precision,
     }
 
 
+def _decide(record: SceneRecord, digest: str, overwrite: bool) -> str | None:
+    """The action for one scene (None: refused, its outputs were made otherwise)."""
+    if overwrite:
+        return START
+    if record.published_as(digest) is not None:
+        return SKIP
+    published = record.published_record()
+    started = record.work_fingerprint()
+    if (published is not None and published.fingerprint != digest
+            and os.path.lexists(record.published_store)) \
+            or (started is not None and started != digest):
+        return None
+    if started == digest:
+        if record.publishing_state() is not None:
+            return PUBLISH
+        if record.store_complete():
+            return RESUME
+    return START
+
+
 @dataclass(frozen=True)
-class _Work:
-    """What is left to do for one scene."""
+class _Scene:
+    """One scene the run works on: its check, plan, fingerprint and action."""
 
-    record: SceneRecord
+    index: int
+    check: SceneCheck
+    plan: ScenePlan
     digest: str
-    skip: frozenset[tuple[int, int]]
+    values: dict[str, Any]
+    action: str
 
 
-def _prepare_work(plans: dict[int, ScenePlan], results: list[SceneResult], model: _Model,
-                  config: RunConfig, device: str, out_dir: Path) -> dict[int, _Work]:
-    """Decide per scene: already published, resume, or start; refuse changed settings."""
-    work: dict[int, _Work] = {}
-    conflicts = []
-    for k, plan in plans.items():
-        record = SceneRecord(out_dir, plan.outputs.stem)
-        values = _fingerprint_values(plan, model, config, device)
+def _figures(result: SceneResult) -> dict[str, Any]:
+    return {"seconds": result.seconds, "tiles": result.tiles, "inferred": result.inferred,
+            "attempts": result.attempts, "work_seconds": result.work_seconds}
+
+
+def _apply_skip(result: SceneResult, scene: _Scene, out_dir: Path) -> None:
+    """A skipped scene keeps the figures of the run that made its outputs."""
+    record = SceneRecord(out_dir, scene.plan.outputs.stem).published_record()
+    figures = dict(record.figures) if record is not None else {}
+    result.status, result.skipped = "done", True
+    result.tiles_done = result.tiles
+    result.seconds = float(figures.get("seconds") or 0.0)
+    result.inferred = int(figures.get("inferred") or 0)
+    result.attempts = int(figures.get("attempts") or 0)
+    result.work_seconds = dict(figures.get("work_seconds") or {})
+    result.outputs = {"zarr": str(scene.plan.outputs.store), "cog": str(scene.plan.outputs.cog)}
+    if record is not None:
+        result.checksums = _checksums(record.cog, record.zarr)
+
+
+def _checksums(cog: Any, zarr: Any) -> dict[str, dict[str, Any]]:
+    return {"cog": {"sha256": cog.get("sha256"), "bytes": cog.get("bytes")},
+            "zarr": {"sha256": zarr.get("sha256"), "files": len(zarr.get("files") or {})}}
+
+
+def _plan_scenes(checked: Preflight, results: list[SceneResult], model: _Model,
+                 config: RunConfig, device: str,
+                 choice: TileChoice) -> tuple[list[_Scene], str | None]:
+    """The scenes to work on, and the refusal of the run when some outputs in the output
+    folder were made with another input, model or settings (without ``--overwrite``)."""
+    scenes, conflicts = [], []
+    for k, check in enumerate(checked.scenes):
+        if check.info is None:
+            continue
+        grid = TileGrid.build(check.info.shape, check.info.shape, model.field, choice.size)
+        plan = ScenePlan(check.info, grid, check.outputs)
+        values = _fingerprint_values(plan, check, model, config, device)
         digest = fingerprint(values)
-        published, started = record.published_fingerprint(), record.work_fingerprint()
-        if published == digest:
-            # Published stores are complete (they are moved into place last); a work
-            # folder left beside one was being removed when a run was killed.
-            record.discard_work()
-            results[k].status, results[k].skipped = "done", True
-            results[k].tiles_done = results[k].tiles
-            results[k].outputs = {"zarr": str(plan.outputs.store), "cog": str(plan.outputs.cog)}
+        action = _decide(SceneRecord(checked.out_dir, check.outputs.stem), digest,
+                         config.overwrite)
+        results[k].shape, results[k].tiles = check.info.shape, len(grid)
+        results[k].fingerprint = digest
+        if action is None:
+            conflicts.append(check.outputs.stem)
+            results[k].action = "refuse"
             continue
-        stale = [f for f in (published, started) if f is not None and f != digest]
-        if stale and not config.overwrite:
-            conflicts.append(plan.outputs.stem)
-            continue
-        if stale:
-            record.discard_published()
-        if started == digest and record.store_complete():
-            record.drop_partial_chunks()
-            skip = frozenset(record.tiles_done())
-        else:
-            record.start()
-            spec = _store_spec(plan, model, config, digest)
-            create_label_store(record.store, spec)
-            levels = plan.overview_levels()
-            if levels:
-                create_overview_store(record.overviews, spec.shape, spec.chunks, levels,
-                                      spec.dtype, spec.nodata)
-            record.commit(digest, values)
-            skip = frozenset()
-        work[k] = _Work(record, digest, skip)
-    if conflicts:
-        raise ConfigError(
-            f"{out_dir} holds outputs or unfinished work of {', '.join(conflicts)} made with "
-            "another input, model or settings; pass --overwrite to replace them, or choose "
-            "another --out"
-        )
-    return work
+        results[k].action = action
+        scenes.append(_Scene(k, check, plan, digest, values, action))
+    if not conflicts:
+        return scenes, None
+    return scenes, (
+        f"{checked.out_dir} holds outputs or unfinished work of {', '.join(conflicts)} made "
+        "with another input, model or settings; pass --overwrite to replace them, or "
+        "choose another --out")
 
 
 def run(config: RunConfig, *, dry_run: bool = False,
         on_progress: Callable[[Progress], None] | None = None,
-        on_dashboard: Callable[[str], None] | None = None) -> RunReport:
+        on_dashboard: Callable[[str], None] | None = None,
+        log: Callable[[str], None] | None = None,
+        checked: Preflight | None = None) -> RunReport:
     """Label every scene of ``config``; never raises for a bad scene, only for bad settings.
 
-    Scenes already published with the same fingerprint are skipped, unfinished
-    ones resume from their recorded tiles.
+    Args:
+        config: The resolved configuration.
+        dry_run: Plan, decide what each scene would need, and stop: nothing is written.
+        on_progress: Called as tiles complete.
+        on_dashboard: Called with the Dask dashboard's address, when there is one.
+        log: Called with lines worth showing with ``--verbose``.
+        checked: The result of :func:`pipeline.preflight.preflight` when already made.
+
+    Returns:
+        The report; ``interrupted`` is set when SIGINT or SIGTERM stopped the run after
+        it had started writing (scenes then recorded as ``interrupted``).
+
+    Raises:
+        ConfigError, ModelError: usage errors (one line each).
+        OutputError: the output folder or the manifest cannot be written.
+        Interrupted: a stop signal before anything was written.
     """
-    if not config.output:
-        raise ConfigError("no output directory: pass --out DIR or set output in a workflow")
+    say = log or (lambda _: None)
     started = time.time()
-    out_dir = Path(config.output).absolute()
-    paths = expand_scenes(config.scenes)
-    model = _load_model(config.model)
+    checked = checked or preflight(config)
+    out_dir = checked.out_dir
+    results = [SceneResult(scene=c.path, stem=c.outputs.stem,
+                           status="failed" if c.error else "pending", error=c.error)
+               for c in checked.scenes]
+    if not checked.runnable:
+        return RunReport(results, None, "no scene can run", plan={"scenes": []})
+    model = _load_model(checked.spec, checked.weights_sha256)
     remote = bool(config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"))
     device = _resolve_device(config.device, remote)
-    outputs = [outputs_for(p, out_dir) for p in paths]
-    check_unique(outputs, paths)
-
-    results = [SceneResult(scene=p, stem=o.stem) for p, o in zip(paths, outputs)]
-    infos: dict[int, SceneInfo] = {}
-    for k, (path, result) in enumerate(zip(paths, results)):
-        try:
-            infos[k] = _open_scene(path, config, model)
-        except PipelineError as exc:
-            result.status, result.error = "failed", str(exc)
-    tiling = _choose_tiles(list(infos.values()), config, model, device, out_dir)
-    choice = tiling.choice
-    plans: dict[int, ScenePlan] = {}
-    for k, info in infos.items():
-        grid = TileGrid.build(info.shape, info.shape, model.field, choice.size)
-        plans[k] = ScenePlan(info, grid, outputs[k])
-        results[k].shape = info.shape
-        results[k].tiles = len(grid)
-    window = max((p.grid.max_window_shape for p in plans.values()),
-                 key=lambda s: s[0] * s[1], default=(choice.size, choice.size))
-    plan_text = describe(list(plans.values()), model.field,
-                         _memory(model, window, config.batch_size), config.batch_size, choice)
+    for check in checked.runnable:
+        assert check.info is not None
+        _check_output_shape(check.info, model)
+    infos = [c.info for c in checked.runnable if c.info is not None]
+    tiling = _choose_tiles(infos, config, model, device, out_dir)
+    scenes, refusal = _plan_scenes(checked, results, model, config, device, tiling.choice)
+    if refusal and not dry_run:
+        raise ConfigError(refusal)
+    plans = [s.plan for s in scenes]
+    window = max((p.grid.max_window_shape for p in plans),
+                 key=lambda s: s[0] * s[1], default=(tiling.choice.size, tiling.choice.size))
+    memory = _memory(model, window, config.batch_size)
+    plan_text = describe(plans, model.field, memory, config.batch_size, tiling.choice)
+    plan_text += "\n" + "\n".join(_action_line(r) for r in results)
+    plan_data = _plan_data(scenes, results, model, memory, tiling.choice)
     if dry_run:
-        return RunReport(results, None, plan_text)
+        plan_data["refusal"] = refusal
+        return RunReport(results, None, plan_text, plan=plan_data, refusal=refusal)
+    for result in results:
+        say(_action_line(result))
+    return _execute(config, checked, scenes, results, model, device, tiling, plan_text,
+                    plan_data, started, on_progress, on_dashboard, say)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / MANIFEST
+
+def _action_line(result: SceneResult) -> str:
+    """What the run does with one scene, in words (dry run and ``--verbose``)."""
+    words = {SKIP: "skip: published with the same input, model and settings",
+             RESUME: "resume: tiles recorded by an earlier run are kept",
+             PUBLISH: "publish: every tile was written by an earlier run",
+             START: "start",
+             "refuse": "refused: its outputs were made with another input, model or settings "
+                       "(--overwrite replaces them)"}
+    if result.action is None:
+        return f"{result.stem}: fails: {result.error}"
+    return f"{result.stem}: {words[result.action]}"
+
+
+def _plan_data(scenes: list[_Scene], results: list[SceneResult], model: _Model,
+               memory: MemoryEstimate, choice: TileChoice) -> dict[str, Any]:
+    halo = model.field.halo()
+    return {
+        "tile_size": choice.size, "tile_reason": choice.reason,
+        "receptive_field": list(model.field.size), "stride": list(model.field.stride),
+        "align": list(model.field.align),
+        "halo": {"before": list(halo.before), "after": list(halo.after)},
+        "memory_per_task_bytes": memory.total,
+        "scenes": [
+            {"scene": r.scene, "stem": r.stem, "status": r.status, "error": r.error,
+             "action": r.action,
+             "width": r.shape[1] if r.shape else None, "height": r.shape[0] if r.shape else None,
+             "tiles": r.tiles,
+             "outputs": {"zarr": str(s.plan.outputs.store), "cog": str(s.plan.outputs.cog)}
+             if (s := next((x for x in scenes if x.index == k), None)) else {}}
+            for k, r in enumerate(results)
+        ],
+    }
+
+
+def _prepare(scene: _Scene, model: _Model, config: RunConfig, out_dir: Path,
+             say: Callable[[str], None]) -> frozenset[tuple[int, int]]:
+    """Make the scene's work ready for its action; the tiles already written (to skip)."""
+    record = SceneRecord(out_dir, scene.plan.outputs.stem)
+    if scene.action in (RESUME, PUBLISH):
+        record.drop_partial_chunks()
+        good, damaged = record.verified_tiles()
+        for line in damaged:
+            say(f"{record.stem}: {line}: computed again")
+        return frozenset(good)
+    record.start()
+    spec = _store_spec(scene.plan, model, config, scene.digest)
+    create_label_store(record.store, spec)
+    levels = scene.plan.overview_levels()
+    if levels:
+        create_overview_store(record.overviews, spec.shape, spec.chunks, levels,
+                              spec.dtype, spec.nodata)
+    record.commit(scene.digest, scene.values)
+    return frozenset()
+
+
+def _execute(config: RunConfig, checked: Preflight, scenes: list[_Scene],
+             results: list[SceneResult], model: _Model, device: str, tiling: _Tiling,
+             plan_text: str, plan_data: dict[str, Any], started: float,
+             on_progress: Callable[[Progress], None] | None,
+             on_dashboard: Callable[[str], None] | None,
+             say: Callable[[str], None]) -> RunReport:
+    """Steps 4 and 5 of the module docstring: everything that writes."""
+    out_dir = checked.out_dir
+    run_id = uuid.uuid4().hex[:16]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {out_dir}: "
+                          f"{exc.strerror or exc}") from exc
+    history = previous_history(out_dir)
+    state: dict[str, Any] = {"status": "running", "interrupted": None, "dashboard": None}
 
     def save() -> None:
-        write_manifest(manifest, _manifest(config, model, device, started, results))
+        with deferred():
+            write_manifest(out_dir, _manifest(config, model, device, started, results, run_id,
+                                              history, state))
 
-    with locked(out_dir):
-        clean_leftovers(out_dir)
-        if tiling.measured is not None and tiling.speeds_key is not None:
-            save_window_speeds(out_dir, tiling.speeds_key, tiling.measured)
-        work = _prepare_work(plans, results, model, config, device, out_dir)
-        for k, item in work.items():
-            results[k].attempts = item.record.add_attempt()
-            results[k].tiles_done = len(item.skip)
-            results[k].status = "running"
-        save()
-        dashboard = None
-        if work:
-            model_ref = ModelRef(
-                str(model.spec.path), model.sha256, device, config.threads_per_worker,
-                precision=config.precision,
-                channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
-                compile=config.compile,
-            )
-            gpu = device == "cuda" if config.gpu_resource is None else config.gpu_resource
-            cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker,
-                                  gpu=gpu)
-            with connect(cluster) as client:
-                services = client.scheduler_info().get("services", {})
-                dashboard = client.dashboard_link if "dashboard" in services else None
-                if dashboard and on_dashboard:
-                    on_dashboard(dashboard)
-                submitted = {
-                    k: submit_scene(client, plans[k], model_ref, item.record,
-                                    batch_size=config.batch_size,
-                                    probabilities=config.probabilities,
-                                    gpu=gpu, skip=item.skip)
-                    for k, item in work.items()
-                }
-                _track(submitted, results, time.time(), on_progress, save)
-        for k, plan in plans.items():
-            if results[k].status == "done":
-                results[k].outputs = {"zarr": str(plan.outputs.store), "cog": str(plan.outputs.cog)}
-        save()
-    return RunReport(results, manifest, plan_text, dashboard)
+    try:
+        with locked(out_dir, run_id):
+            try:
+                _work(config, checked, scenes, results, model, device, tiling, run_id, state,
+                      save, on_progress, on_dashboard, say)
+            except Interrupted as exc:
+                state["interrupted"] = exc.signum
+            finally:
+                with deferred():
+                    for result in results:
+                        if result.status in ("pending", "running"):
+                            result.status = "interrupted" if state["interrupted"] else "failed"
+                            result.error = result.error or (
+                                f"interrupted by {_signal_name(state['interrupted'])}"
+                                if state["interrupted"] else "the run ended before this scene")
+                    state["status"] = ("interrupted" if state["interrupted"] else
+                                       "failed" if any(r.status == "failed" for r in results)
+                                       else "done")
+                    save()
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"cannot write in the output folder {out_dir}: "
+                          f"{exc.strerror or exc}") from exc
+    return RunReport(results, out_dir / "run.json", plan_text, state["dashboard"],
+                     state["interrupted"], plan_data)
+
+
+def _signal_name(signum: int | None) -> str:
+    import signal
+
+    return signal.Signals(signum).name if signum else "a signal"
+
+
+def _work(config: RunConfig, checked: Preflight, scenes: list[_Scene],
+          results: list[SceneResult], model: _Model, device: str, tiling: _Tiling, run_id: str,
+          state: dict[str, Any], save: Callable[[], None],
+          on_progress: Callable[[Progress], None] | None,
+          on_dashboard: Callable[[str], None] | None, say: Callable[[str], None]) -> None:
+    out_dir = checked.out_dir
+    clean_leftovers(out_dir)
+    save_digests(checked)
+    if tiling.measured is not None and tiling.speeds_key is not None:
+        save_window_speeds(out_dir, tiling.speeds_key, tiling.measured)
+    jobs: dict[int, SceneJob] = {}
+    for scene in scenes:
+        result = results[scene.index]
+        if scene.action == SKIP:
+            # A work folder beside published outputs was being removed when a run was
+            # killed, or belongs to settings given up since: the outputs stand.
+            SceneRecord(out_dir, scene.plan.outputs.stem).discard_work()
+            _apply_skip(result, scene, out_dir)
+            continue
+        try:
+            skip = _prepare(scene, model, config, out_dir, say)
+        except OSError as exc:
+            result.status, result.error = "failed", one_line(exc)
+            continue
+        record = SceneRecord(out_dir, scene.plan.outputs.stem)
+        result.attempts = record.add_attempt()
+        result.tiles_done = len(skip)
+        result.status = "running"
+        assert scene.check.identity is not None
+        jobs[scene.index] = SceneJob(scene.plan, str(out_dir), run_id, scene.digest,
+                                     scene.check.identity, skip,
+                                     publish_only=scene.action == PUBLISH
+                                     or len(skip) == len(scene.plan.grid))
+    save()
+    if not jobs:
+        return
+    model_ref = ModelRef(
+        str(model.spec.path), model.sha256, device, config.threads_per_worker,
+        precision=config.precision,
+        channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
+        compile=config.compile,
+    )
+    gpu = device == "cuda" if config.gpu_resource is None else config.gpu_resource
+    cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker, gpu=gpu)
+    with connect(cluster) as client:
+        services = client.scheduler_info().get("services", {})
+        dashboard = client.dashboard_link if "dashboard" in services else None
+        state["dashboard"] = dashboard
+        if dashboard and on_dashboard:
+            on_dashboard(dashboard)
+        submitted: dict[int, SceneFutures] = {}
+        try:
+            for k, job in jobs.items():
+                submitted[k] = submit_scene(client, job, model_ref, batch_size=config.batch_size,
+                                            probabilities=config.probabilities, gpu=gpu)
+            _track(submitted, results, time.time(), on_progress, save, out_dir)
+        except Interrupted:
+            with deferred():
+                if cluster.address():  # an embedded cluster's workers die with it
+                    stop_tasks(client, [f for s in submitted.values() for f in s.futures])
+            raise
 
 
 def _manifest(config: RunConfig, model: _Model, device: str, started: float,
-              results: list[SceneResult]) -> dict[str, Any]:
+              results: list[SceneResult], run_id: str, history: list[dict[str, Any]],
+              state: dict[str, Any]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for r in results:
+        key = "skipped" if r.skipped else r.status
+        counts[key] = counts.get(key, 0) + 1
+    this = {"run_id": run_id, "started": started, "updated": time.time(),
+            "status": state["status"], "scenes": counts}
     return {
         "fcn_pipeline": __version__,
+        "run_id": run_id,
         "started": started,
         "updated": time.time(),
+        "status": state["status"],
         "config": config.to_tree(),
         "device": device,
         "model": {
@@ -440,6 +659,7 @@ def _manifest(config: RunConfig, model: _Model, device: str, started: float,
         },
         "versions": _versions(),
         "scenes": [asdict(r) for r in results],
+        "history": [*history[-199:], this],
     }
 
 
@@ -447,7 +667,8 @@ def _store_spec(plan: ScenePlan, model: _Model, config: RunConfig, digest: str) 
     info = plan.info
     return LabelStoreSpec(
         shape=info.shape,
-        chunks=tuple(min(t, n) for t, n in zip(plan.grid.tile_shape, info.shape)),  # type: ignore[arg-type]
+        chunks=(min(plan.grid.tile_shape[0], info.shape[0]),
+                min(plan.grid.tile_shape[1], info.shape[1])),
         crs=info.crs,
         transform=info.transform,
         classes=model.spec.classes,
@@ -467,50 +688,69 @@ def _store_spec(plan: ScenePlan, model: _Model, config: RunConfig, digest: str) 
 
 def _track(submitted: dict[int, SceneFutures], results: list[SceneResult], started: float,
            on_progress: Callable[[Progress], None] | None,
-           on_scene: Callable[[], None]) -> None:
+           on_scene: Callable[[], None], out_dir: Path) -> None:
     """Follow every future to its end, updating results and reporting progress."""
     owner: dict[str, tuple[int, int | None]] = {}
     futures = []
     for k, scene in submitted.items():
         for b, future in enumerate(scene.tiles):
-            owner[future.key] = (k, b)
+            owner[str(future.key)] = (k, b)
             futures.append(future)
-        owner[scene.publish.key] = (k, None)
+        owner[str(scene.publish.key)] = (k, None)
         futures.append(scene.publish)
         results[k].status = "running"
     total = sum(len(s.plan.grid) for s in submitted.values())
     done_tiles = sum(results[k].tiles_done for k in submitted)
     done_pixels = 0
-    scene_start = {k: started for k in submitted}
     for future in as_completed(futures):
-        k, batch = owner[future.key]
+        k, batch = owner[str(future.key)]
         result = results[k]
         if future.status == "cancelled":
             continue
         if future.status == "error":
             if result.status != "failed":
                 result.status = "failed"
-                result.error = _one_line(future.exception())
+                result.error = one_line(future.exception())
                 scene = submitted[k]
-                for pending in (*scene.tiles, scene.publish):  # the scene has failed: stop it
+                for pending in scene.futures:  # the scene has failed: stop it
                     if not pending.done():
                         pending.cancel()
                 on_scene()
             continue
+        stats = future.result()
         if batch is None:
-            stats = future.result()
-            result.inferred += stats.inferred
-            result.seconds = time.time() - scene_start[k]
-            result.work_seconds = {
-                "read": round(stats.read_seconds, 3), "model": round(stats.model_seconds, 3),
-                "write": round(stats.write_seconds, 3), "publish": round(stats.seconds, 3),
-            }
-            result.status = "done"
+            _finish_scene(result, stats, started, submitted[k], out_dir)
             on_scene()
             continue
-        stats = future.result()
         result.tiles_done += stats.tiles
         done_tiles += stats.tiles
         done_pixels += stats.pixels
         if on_progress:
             on_progress(Progress(done_tiles, total, done_pixels, time.time() - started))
+
+
+def _finish_scene(result: SceneResult, stats: Any, started: float, scene: SceneFutures,
+                  out_dir: Path) -> None:
+    """Record a published scene: its figures, outputs and checksums, also in its record."""
+    result.inferred += stats.inferred
+    result.seconds = time.time() - started
+    result.work_seconds = {
+        "read": round(stats.read_seconds, 3), "model": round(stats.model_seconds, 3),
+        "write": round(stats.write_seconds, 3), "publish": round(stats.seconds, 3),
+    }
+    result.status = "done"
+    result.tiles_done = result.tiles
+    result.outputs = {"zarr": str(scene.plan.outputs.store), "cog": str(scene.plan.outputs.cog)}
+    record = SceneRecord(out_dir, scene.plan.outputs.stem)
+    published = record.published_record()
+    if published is None:
+        return
+    result.checksums = _checksums(published.cog, published.zarr)
+    data = published.to_json()
+    data["figures"] = _figures(result)
+    try:
+        write_json(record.published_record_path, data)
+    except OSError:
+        pass  # the figures are a convenience; the record itself is in place
+
+

@@ -4,29 +4,38 @@ A task receives paths, boxes and a model reference (spec path + weights
 sha256 + device), never open files or weights. It reads only its windows,
 runs the model its worker process loaded once (:func:`cached_model`), crops
 each window's output to its core tile and writes that tile's Zarr chunk and its
-share of the COG's overview levels.
+share of the COG's overview levels, then records the tile with the checksums of
+those chunks.
+
+Before every write a task checks that its run still holds the output folder
+(:func:`pipeline.journal.check_run`), and around every read that the scene file is
+the one planned (its size, modification time and inode): a task of an interrupted
+run writes nothing, and a scene replaced during the run fails alone.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.errors import SceneChangedError, SceneError
 from pipeline.grid import Tile
-from pipeline.inference import class_labels
-from pipeline.journal import publish_store, record_tile
+from pipeline.inference import class_labels, finite_scores
+from pipeline.journal import FileIdentity, SceneRecord, check_run, record_tile
 from pipeline.labels import label_dtype
 from pipeline.model import cached_model
-from pipeline.modelspec import ModelSpec, normalize
+from pipeline.modelspec import ModelSpec, model_input
 from pipeline.overviews import pyramid
-from pipeline.readers import read_window
-from pipeline.writers import write_cog, write_labels, write_overviews
+from pipeline.publication import PublishTarget, publish
+from pipeline.readers import pixel_validity, read_window
+from pipeline.scene import nodata_problem
+from pipeline.writers import write_labels, write_overviews
 
 
 @dataclass(frozen=True)
@@ -48,14 +57,24 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class SceneTarget:
-    """One scene's input and label store, as tile tasks need them."""
+    """One scene's input and work folder, as tile tasks need them.
+
+    ``identity`` is the scene file's identity when it was planned; ``run_id`` the run
+    that must still hold ``out_dir`` for the task to write; ``overview_levels`` how
+    many overview levels each tile builds (0: none).
+    """
 
     scene: str
-    store: str
-    tiles_dir: str
+    identity: FileIdentity
+    out_dir: str
+    stem: str
+    run_id: str
     probabilities: bool
-    overviews: str | None = None
     overview_levels: int = 0
+
+    @property
+    def record(self) -> SceneRecord:
+        return SceneRecord(Path(self.out_dir), self.stem)
 
 
 @dataclass(frozen=True)
@@ -77,13 +96,32 @@ class BatchStats:
     write_seconds: float = 0.0
 
 
-def _valid(spec: ModelSpec, data: np.ndarray, scene_valid: np.ndarray) -> np.ndarray:
+def _valid(spec: ModelSpec, data: np.ndarray, scene_valid: np.ndarray, scene: str) -> np.ndarray:
+    """Which pixels of a window are valid under the spec's ``nodata.input``, bool ``(rows, cols)``.
+
+    ``scene``: the reader's rule (:func:`pipeline.readers.read_window`). A number
+    replaces the scene's nodata value and masks, by the same rule on the bands
+    read: NaN and +-inf are invalid; for float data any band equal to the
+    number, for integer data every band equal to it. ``none`` ignores nodata
+    and masks, but NaN and +-inf stay invalid: they cannot be fed to a network.
+
+    Raises:
+        SceneError: The number is one the scene's dtype cannot hold (300 or 0.5
+            on uint8, -1e40 on float32); the message names the scene, the spec
+            and the fix.
+    """
     if spec.nodata_input == "scene":
         return scene_valid
     if spec.nodata_input == "none":
-        return np.ones(scene_valid.shape, dtype=bool)
-    value = float(spec.nodata_input)  # type: ignore[arg-type]
-    return ~np.all(data == value, axis=0)
+        return pixel_validity(data)
+    value = float(spec.nodata_input)
+    problem = nodata_problem(value, data.dtype.name)
+    if problem:
+        raise SceneError(
+            f"{Path(scene).name}: nodata.input of {spec.source}: {problem}; set nodata.input "
+            "to a value the scene's pixels can hold, or to scene or none"
+        )
+    return pixel_validity(data, value)
 
 
 def _prepare_torch(threads: int) -> None:
@@ -91,12 +129,31 @@ def _prepare_torch(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _check_unchanged(target: SceneTarget) -> None:
+    """Raise :class:`SceneChangedError` when the scene file is not the one planned."""
+    try:
+        now = FileIdentity.of(target.scene)
+    except OSError as exc:
+        raise SceneChangedError(f"{Path(target.scene).name} disappeared during the run "
+                                f"({exc.strerror or exc})") from exc
+    if now != target.identity:
+        raise SceneChangedError(
+            f"{Path(target.scene).name} was modified or replaced during the run (its size, "
+            "modification time or inode changed); run again to label the file as it is now")
+
+
 def _read(spec: ModelSpec, target: SceneTarget,
           tile: Tile) -> tuple[np.ndarray, np.ndarray, float]:
-    """A tile's raw window, the validity of its core, and the seconds it took."""
+    """A tile's raw window, the validity of the whole window, and the seconds it took.
+
+    The scene is checked to be the planned file before and after the read, so no
+    window mixes two versions of it.
+    """
     start = time.perf_counter()
+    _check_unchanged(target)
     data, scene_valid = read_window(target.scene, tile.window, spec.bands)
-    valid = _valid(spec, data, scene_valid)[tile.crop.slices()]
+    _check_unchanged(target)
+    valid = _valid(spec, data, scene_valid, target.scene)
     return data, valid, time.perf_counter() - start
 
 
@@ -110,6 +167,7 @@ def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, .
     inference.
     """
     start = time.perf_counter()
+    check_run(target.out_dir, target.run_id)
     _prepare_torch(model_ref.threads)
     spec, model = cached_model(model_ref.spec_path, model_ref.sha256, model_ref.device,
                                channels_last=model_ref.channels_last, compile=model_ref.compile)
@@ -119,20 +177,21 @@ def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, .
         reads = [pool.submit(_read, spec, target, tile) for tile in tiles]
         groups: dict[tuple[int, int], list[tuple[Tile, np.ndarray, np.ndarray]]] = defaultdict(list)
         for tile, read in zip(tiles, reads):
-            data, valid, seconds = read.result()
+            data, window_valid, seconds = read.result()
             read_s += seconds
+            valid = window_valid[tile.crop.slices()]
             if not valid.any():
                 t0 = time.perf_counter()
                 _write(target, tile, np.full(tile.core.shape, spec.nodata_output), None, spec)
                 write_s += time.perf_counter() - t0
                 continue
             t0 = time.perf_counter()
-            groups[tile.window.shape].append((tile, normalize(data, spec), valid))
+            groups[tile.window.shape].append((tile, model_input(data, window_valid, spec), valid))
             model_s += time.perf_counter() - t0
         for members in groups.values():
-            seconds = _infer(model_ref, model, spec, target, members)
-            model_s += seconds[0]
-            write_s += seconds[1]
+            model_part, write_part = _infer(model_ref, model, spec, target, members)
+            model_s += model_part
+            write_s += write_part
             inferred += len(members)
     pixels = sum(t.core.area for t in tiles)
     return BatchStats(len(tiles), inferred, pixels, time.perf_counter() - start,
@@ -165,12 +224,13 @@ def _infer(model_ref: ModelRef, model: torch.nn.Module, spec: ModelSpec, target:
             rows, cols = tile.crop.slices()
             crop = scores[k:k + 1, :, rows, cols]
             block = class_labels(crop, index_dtype)[0].cpu().numpy()
-            block[~valid] = spec.nodata_output
+            labelled = valid & finite_scores(crop)[0].cpu().numpy()
+            block[~labelled] = spec.nodata_output
             tile_probs = None
             if target.probabilities:
                 probs = torch.softmax(crop.float(), dim=1)[0].to(torch.float16)
                 tile_probs = probs.cpu().numpy()
-                tile_probs[:, ~valid] = np.nan
+                tile_probs[:, ~labelled] = np.nan
             t0 = time.perf_counter()
             _write(target, tile, block, tile_probs, spec)
             writing += time.perf_counter() - t0
@@ -179,30 +239,27 @@ def _infer(model_ref: ModelRef, model: torch.nn.Module, spec: ModelSpec, target:
 
 def _write(target: SceneTarget, tile: Tile, labels: np.ndarray, probs: np.ndarray | None,
            spec: ModelSpec) -> None:
+    """Write a tile's chunks, then record it with their checksums (only while the run
+    still holds the output folder)."""
     if target.probabilities and probs is None:
         probs = np.full((len(spec.classes), *tile.core.shape), np.nan, dtype=np.float16)
     labels = labels.astype(label_dtype(len(spec.classes)), copy=False)
-    write_labels(target.store, tile.core, labels, probs)
-    if target.overviews is not None and (labels != spec.nodata_output).any():
-        write_overviews(target.overviews, tile.core,
-                        pyramid(labels, spec.nodata_output, target.overview_levels))
-    record_tile(target.tiles_dir, tile.index)
+    record = target.record
+    check_run(target.out_dir, target.run_id)
+    files = [f"{record.store.name}/{f}" for f in write_labels(record.store, tile.core, labels, probs)]
+    if target.overview_levels and (labels != spec.nodata_output).any():
+        levels = pyramid(labels, spec.nodata_output, target.overview_levels)
+        files += [f"{record.overviews.name}/{f}"
+                  for f in write_overviews(record.overviews, tile.core, levels)]
+    check_run(target.out_dir, target.run_id)
+    record_tile(record.work, tile.index, files)
 
 
-def publish_scene(store: str, overviews: str | None, cog: str, published_store: str,
-                  work_dir: str, *batches: BatchStats) -> BatchStats:
-    """Publish a scene whose tiles are all written; sum its tile stats (``seconds``
-    is the publication's own).
-
-    The COG is made from the work store and the overview levels the tiles
-    built (under a temporary name, renamed into place), then the store itself
-    is moved into place and the work folder removed. A kill in between leaves
-    the work to redo on the next run, never a published store that is incomplete.
-    """
+def publish_scene(target: PublishTarget, *batches: BatchStats) -> BatchStats:
+    """Publish a scene whose tiles are all written (:func:`pipeline.publication.publish`);
+    sum its tile stats (``seconds`` is the publication's own)."""
     start = time.perf_counter()
-    write_cog(store, cog, overviews=overviews)
-    publish_store(store, published_store)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    publish(target)
     return BatchStats(
         tiles=sum(b.tiles for b in batches),
         inferred=sum(b.inferred for b in batches),

@@ -177,7 +177,7 @@ def create_label_store(path: str | Path, spec: LabelStoreSpec) -> None:
             warnings.filterwarnings("ignore", message=_CONSOLIDATED_V3_WARNING)
             zarr.consolidate_metadata(str(path), zarr_format=3)
     except OSError as exc:
-        raise OutputError(f"cannot create the label store {path}: {exc}") from exc
+        raise OutputError(f"cannot create the label store {path}: {_os_cause(exc)}") from exc
 
 
 def _create_coordinates(
@@ -235,12 +235,19 @@ def write_labels(
     core: Box,
     labels: np.ndarray,
     probabilities: np.ndarray | None = None,
-) -> None:
+) -> list[str]:
     """Write one tile's labels (and scores) to the chunk at ``core``.
 
     ``core`` must be exactly one chunk of the store (clipped at the scene's
     far edges); ``labels`` has ``core.shape`` and holds class values or
     nodata; ``probabilities`` has ``(n_classes, *core.shape)``.
+
+    Returns:
+        The chunk files written, relative to the store (``labels/c/I/J``, ...).
+
+    Raises:
+        OutputError: the tile is not one chunk, the values do not fit the store, or
+            the chunk cannot be written (one line: the path and the cause).
     """
     group = _open_store(path, mode="r+")
     array = _member(group, LABELS, path).with_config(_WRITE_CONFIG)
@@ -261,15 +268,18 @@ def write_labels(
                 f"probabilities for tile {_box_text(core)} have shape {scores.shape}; "
                 f"{path} needs {want}"
             )
+    index = (core.rows.start // array.chunks[0], core.cols.start // array.chunks[1])
+    written = [f"{LABELS}/{array.metadata.encode_chunk_key(index)}"]
     try:
         array[core.slices()] = block.astype(array.dtype, copy=False)
         if scores is not None:
-            _member(group, PROBABILITIES, path).with_config(_WRITE_CONFIG)[
-                (slice(None), *core.slices())] = scores.astype(
-                np.float16, copy=False
-            )
+            scored = _member(group, PROBABILITIES, path).with_config(_WRITE_CONFIG)
+            scored[(slice(None), *core.slices())] = scores.astype(np.float16, copy=False)
+            written.append(f"{PROBABILITIES}/{scored.metadata.encode_chunk_key((0, *index))}")
     except OSError as exc:
-        raise OutputError(f"cannot write tile {_box_text(core)} to {path}: {exc}") from exc
+        raise OutputError(f"cannot write tile {_box_text(core)} to {path}: "
+                          f"{_os_cause(exc)}") from exc
+    return written
 
 
 def create_overview_store(path: str | Path, shape: tuple[int, int], chunks: tuple[int, int],
@@ -292,12 +302,16 @@ def create_overview_store(path: str | Path, shape: tuple[int, int], chunks: tupl
                 compressors=zarr.codecs.ZstdCodec(),
             )
     except OSError as exc:
-        raise OutputError(f"cannot create the overview store {path}: {exc}") from exc
+        raise OutputError(f"cannot create the overview store {path}: {_os_cause(exc)}") from exc
 
 
-def write_overviews(path: str | Path, core: Box, levels: list[np.ndarray]) -> None:
+def write_overviews(path: str | Path, core: Box, levels: list[np.ndarray]) -> list[str]:
     """Write one tile's overview levels (``levels[k]`` is level ``k + 1`` of its labels,
-    from :func:`pipeline.overviews.pyramid`) into the overview store at ``path``."""
+    from :func:`pipeline.overviews.pyramid`) into the overview store at ``path``.
+
+    Returns:
+        The chunk files written, relative to the store (``2/c/I/J``, ``4/c/I/J``, ...).
+    """
     for level in range(1, len(levels) + 1):
         f = 2**level
         if core.rows.start % f or core.cols.start % f:
@@ -308,13 +322,17 @@ def write_overviews(path: str | Path, core: Box, levels: list[np.ndarray]) -> No
     group = _open_store(path, mode="r+")
     arrays = [_member(group, str(2**level), path).with_config(_WRITE_CONFIG)
               for level in range(1, len(levels) + 1)]
+    written = []
     try:
         for level, (array, block) in enumerate(zip(arrays, levels), start=1):
             r0, c0 = core.rows.start // 2**level, core.cols.start // 2**level
             array[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+            index = (r0 // array.chunks[0], c0 // array.chunks[1])
+            written.append(f"{2**level}/{array.metadata.encode_chunk_key(index)}")
     except OSError as exc:
         raise OutputError(f"cannot write the overviews of tile {_box_text(core)} to {path}: "
-                          f"{exc}") from exc
+                          f"{_os_cause(exc)}") from exc
+    return written
 
 
 def _stored_overviews(path: str | Path, geo: _StoreGeo, levels: int) -> list[zarr.Array]:
@@ -381,6 +399,14 @@ def _checked_labels(
                 f"(0..{n_classes - 1}) nor nodata ({nodata}) of {path}"
             )
     return block
+
+
+def _os_cause(exc: BaseException) -> str:
+    """The cause of an OS error in a few words ("No space left on device"), one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _box_text(box: Box) -> str:
@@ -455,8 +481,10 @@ def write_cog(store: str | Path, tif: str | Path, *, blocksize: int = COG_BLOCKS
                 NUM_THREADS=threads,
             )
         os.replace(cog, tif)
+    except OutputError:
+        raise
     except (OSError, RasterioError) as exc:
-        raise OutputError(f"cannot write the COG {tif} from {store}: {exc}") from exc
+        raise OutputError(f"cannot write the COG {tif} from {store}: {_os_cause(exc)}") from exc
     finally:
         for path in staged:
             for leftover in (path, path.with_name(path.name + ".aux.xml")):
@@ -518,13 +546,24 @@ def _write_level(geo: _StoreGeo, path: Path, factor: int, array: zarr.Array, blo
     colour map, band description and tags that the COG keeps."""
     with rasterio.open(path, "w", **_level_profile(geo, array.shape, factor, blocksize)) as dst:
         for rows, cols in _block_windows(array.shape, array.chunks, blocksize):
-            dst.write(array[slice(*rows), slice(*cols)], 1, window=(rows, cols))
+            dst.write(_read_block(array, rows, cols), 1, window=(rows, cols))
         if first:
             colormap = {i: (*color, 255) for i, color in enumerate(geo.colors)}
             colormap[geo.nodata] = (0, 0, 0, 0)
             dst.write_colormap(1, colormap)
             dst.set_band_description(1, "labels")
             dst.update_tags(**_cog_tags(geo))
+
+
+def _read_block(array: zarr.Array, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+    """``array[rows, cols]``; a chunk that cannot be read or decoded is named in the error."""
+    try:
+        return np.asarray(array[slice(*rows), slice(*cols)])
+    except Exception as exc:  # zarr and its codecs raise many kinds for a damaged chunk
+        chunk = (rows[0] // array.chunks[0], cols[0] // array.chunks[1])
+        where = f"{array.store_path}/{array.metadata.encode_chunk_key(chunk)}"
+        raise OutputError(f"cannot read the chunk {where}: {_os_cause(exc)}; rerun with "
+                          "--overwrite to compute the scene again") from exc
 
 
 def _reduce_level(geo: _StoreGeo, source: Path, path: Path, factor: int, blocksize: int) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import RunConfig, resolve, values_from_env, values_from_tree
 from pipeline.errors import ConfigError
-from pipeline.plan import check_unique, outputs_for
+from pipeline.plan import name_outputs, output_stem, outputs_for
 
 
 def test_tree_round_trip_and_defaults(tmp_path) -> None:
@@ -50,10 +50,27 @@ def test_output_names_stay_inside_the_output_directory(tmp_path) -> None:
         assert not out.stem.startswith(".") and "/" not in out.stem
 
 
-def test_two_scenes_with_one_stem_are_refused(tmp_path) -> None:
-    scenes = ["a/x.tif", "b/x.tif"]
-    with pytest.raises(ConfigError, match="both write x"):
-        check_unique([outputs_for(s, tmp_path) for s in scenes], scenes)
+def test_output_names_keep_unicode_letters_and_digits(tmp_path) -> None:
+    """Teeth: _UNSAFE back to ASCII-only: both names become "_" and this fails."""
+    assert output_stem("снимок-2.tif") == "снимок-2"
+    assert output_stem("衛星画像 3.tif") == "衛星画像_3"
+    assert output_stem("cafe\u0301.tif") == "caf\u00e9"  # NFC: one name, one spelling
+    long = output_stem("x" * 400 + ".tif")
+    assert len(long.encode()) <= 200 and long != output_stem("x" * 399 + ".tif")
+
+
+def test_colliding_names_get_a_deterministic_suffix(tmp_path) -> None:
+    """Teeth: name_outputs returning plain stems: the stems collide and this fails."""
+    scenes = [str(tmp_path / "b" / "x.tif"), str(tmp_path / "a" / "x.tif"),
+              str(tmp_path / "a b.tif"), str(tmp_path / "a_b.tif"), str(tmp_path / "X.tif")]
+    stems = [o.stem for o in name_outputs(scenes, tmp_path / "out")]
+    assert len({s.casefold() for s in stems}) == len(scenes), stems
+    # In the order of absolute paths ".../X.tif" < ".../a/x.tif" < ".../b/x.tif": X keeps it.
+    assert stems[4] == "X" and all(stems[k].startswith("x-") and len(stems[k]) == 10
+                                   for k in (0, 1))
+    assert stems[2] == "a_b" and stems[3].startswith("a_b-")
+    assert stems == [o.stem for o in name_outputs(scenes, tmp_path / "out")]  # deterministic
+    assert [o.stem for o in name_outputs(scenes[::-1], tmp_path / "out")] == stems[::-1]
 
 
 def test_tile_size_auto_and_memory_budget_units() -> None:

@@ -39,7 +39,9 @@ DASK_GROUP = "kubernetes.dask.org"
 def render(kustomization: str) -> tuple[dict[str, Any], ...]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl is not installed: cannot render the kustomizations (kubectl kustomize)")
+        pytest.skip(
+            "kubectl is not installed: cannot render the kustomizations (kubectl kustomize)"
+        )
     done = subprocess.run([kubectl, "kustomize", str(ROOT / kustomization)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"kubectl kustomize {kustomization} failed:\n{done.stderr}"
@@ -155,11 +157,16 @@ def test_the_validators_fail_rather_than_skip() -> None:
     with pytest.raises(kubernetes_validate.utils.SchemaNotFoundError):
         validate_any({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}})
     with pytest.raises(LookupError):
-        validate_any({"apiVersion": f"{DASK_GROUP}/v1", "kind": "DaskWidget", "metadata": {"name": "w"}})
+        validate_any(
+            {"apiVersion": f"{DASK_GROUP}/v1", "kind": "DaskWidget", "metadata": {"name": "w"}}
+        )
     with pytest.raises(LookupError):
-        validate_any({"apiVersion": f"{DASK_GROUP}/v2", "kind": "DaskCluster", "metadata": {"name": "w"}})
+        validate_any(
+            {"apiVersion": f"{DASK_GROUP}/v2", "kind": "DaskCluster", "metadata": {"name": "w"}}
+        )
     cronjob = json.loads(json.dumps(of_kind("deploy/base", "CronJob")[0]))
-    cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    container["imagePullPolcy"] = "Always"
     with pytest.raises(jsonschema.ValidationError):
         validate_any(cronjob)
     cluster = json.loads(json.dumps(of_kind("deploy/base", "DaskCluster")[0]))
@@ -177,7 +184,8 @@ def test_the_daskcluster_pods_and_service_also_validate_as_kubernetes_objects() 
         for role in ("scheduler", "worker"):
             validate_kubernetes({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": role},
                                  "spec": cluster["spec"][role]["spec"]})
-        validate_kubernetes({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "scheduler"},
+        validate_kubernetes({"apiVersion": "v1", "kind": "Service",
+                             "metadata": {"name": "scheduler"},
                              "spec": cluster["spec"]["scheduler"]["service"]})
 
 
@@ -210,7 +218,9 @@ def _has_containers(value: Any) -> bool:
 
 def pod_specs(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     if doc["kind"] not in POD_SPECS:
-        assert not _has_containers(doc), f"{ident(doc)} holds containers but its pod specs are unknown"
+        assert not _has_containers(doc), (
+            f"{ident(doc)} holds containers but its pod specs are unknown"
+        )
         return []
     found = []
     for path in POD_SPECS[doc["kind"]]:
@@ -258,11 +268,13 @@ def restricted_violations(pod: dict[str, Any]) -> list[str]:
         kinds = set(volume) - {"name"}
         if not kinds <= _RESTRICTED_VOLUMES:
             bad.append(f"volume {volume.get('name')} of type {sorted(kinds - _RESTRICTED_VOLUMES)}")
-    for scope, ctx in [("pod", pod_ctx)] + [(n, c.get("securityContext") or {}) for n, c in containers]:
+    contexts = [(n, c.get("securityContext") or {}) for n, c in containers]
+    for scope, ctx in [("pod", pod_ctx), *contexts]:
         if (ctx.get("appArmorProfile") or {}).get("type") == "Unconfined":
             bad.append(f"{scope}: AppArmor Unconfined")
         selinux = ctx.get("seLinuxOptions") or {}
-        if selinux.get("type", "") not in _SELINUX_TYPES or selinux.get("user") or selinux.get("role"):
+        if (selinux.get("type", "") not in _SELINUX_TYPES or selinux.get("user")
+                or selinux.get("role")):
             bad.append(f"{scope}: seLinuxOptions {selinux}")
         if ctx.get("runAsUser") == 0:
             bad.append(f"{scope}: runAsUser 0")
@@ -307,7 +319,9 @@ def test_every_workload_kind_is_covered() -> None:
 
 
 def test_every_pod_meets_the_restricted_standard() -> None:
-    problems = [f"{where}: {p}" for where, pod in all_pod_specs() for p in restricted_violations(pod)]
+    problems = [
+        f"{where}: {p}" for where, pod in all_pod_specs() for p in restricted_violations(pod)
+    ]
     assert not problems, "\n".join(problems)
 
 
@@ -316,13 +330,18 @@ def test_every_pod_meets_the_restricted_standard() -> None:
     (lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
     (lambda p: p["securityContext"].pop("seccompProfile"), "seccompProfile is None"),
     (lambda p: p["securityContext"].update(runAsUser=0), "runAsUser 0"),
-    (lambda p: p["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True), "allowPrivilegeEscalation"),
-    (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]), "drop lacks ALL"),
-    (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]), "capabilities.add"),
-    (lambda p: (p["securityContext"].pop("runAsNonRoot"), p["containers"][0]["securityContext"].pop("runAsNonRoot")),
+    (lambda p: p["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+     "allowPrivilegeEscalation"),
+    (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
+     "drop lacks ALL"),
+    (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+     "capabilities.add"),
+    (lambda p: (p["securityContext"].pop("runAsNonRoot"),
+                p["containers"][0]["securityContext"].pop("runAsNonRoot")),
      "runAsNonRoot is not true"),
     (lambda p: p["containers"][0]["securityContext"].update(privileged=True), "privileged"),
-    (lambda p: p["containers"][0].setdefault("ports", []).append({"containerPort": 80, "hostPort": 80}), "hostPort"),
+    (lambda p: p["containers"][0].setdefault("ports", []).append(
+        {"containerPort": 80, "hostPort": 80}), "hostPort"),
 ])
 def test_the_restricted_checks_catch_violations(edit: Any, found: str) -> None:
     pod = json.loads(json.dumps(of_kind("deploy/base", "CronJob")[0]))
@@ -353,14 +372,18 @@ def test_references_resolve_and_secrets_are_only_referenced() -> None:
             assert ("ServiceAccount", pod["serviceAccountName"]) in names, where
             for volume in pod.get("volumes", []):
                 if "persistentVolumeClaim" in volume:
-                    assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+                    claim = volume["persistentVolumeClaim"]["claimName"]
+                    assert ("PersistentVolumeClaim", claim) in names
                 if "configMap" in volume:
                     assert ("ConfigMap", volume["configMap"]["name"]) in names, where
             for container in pod["containers"]:
                 for source in container.get("envFrom", []):
-                    assert "secretRef" not in source or source["secretRef"]["optional"] is True, where
+                    assert ("secretRef" not in source
+                            or source["secretRef"]["optional"] is True), where
                 for env in container.get("env", []):
-                    assert "value" not in env or not re.search(r"(?i)secret|password|token|key", env["name"])
+                    assert "value" not in env or not re.search(
+                        r"(?i)secret|password|token|key", env["name"]
+                    )
 
 
 # --------------------------------------------------------------------------- services, RBAC
@@ -455,7 +478,8 @@ def test_the_cronjob_runs_a_shipped_workflow_on_the_shipped_cluster(kustomizatio
     ports = {p["name"]: p["port"] for p in cluster["spec"]["scheduler"]["service"]["ports"]}
     assert ports["tcp-comm"] == 8786
     # Workflow paths are on the volumes both the runner and the workers mount.
-    worker_mounts = {m["mountPath"] for m in cluster["spec"]["worker"]["spec"]["containers"][0]["volumeMounts"]}
+    worker = cluster["spec"]["worker"]["spec"]["containers"][0]
+    worker_mounts = {m["mountPath"] for m in worker["volumeMounts"]}
     runner_mounts = {m["mountPath"] for m in runner["volumeMounts"]}
     for path in (*config.scenes, config.output, config.model):
         top = "/" + Path(path).parts[1]
@@ -478,7 +502,8 @@ def test_the_overlay_sets_namespace_image_and_gpu_nodes() -> None:
             assert container["image"] == "registry.example.com/geo/fcn-pipeline:0.1.0", where
     (base,) = of_kind("deploy/base", "DaskCluster")
     (cluster,) = of_kind("deploy/overlays/example", "DaskCluster")
-    assert cluster["spec"]["worker"]["spec"]["nodeSelector"] != base["spec"]["worker"]["spec"]["nodeSelector"]
+    assert (cluster["spec"]["worker"]["spec"]["nodeSelector"]
+            != base["spec"]["worker"]["spec"]["nodeSelector"])
 
 
 # --------------------------------------------------------------------------- the image
@@ -506,7 +531,9 @@ def _dockerfile() -> tuple[dict[str, str], list[str], list[str]]:
 
 
 def _install_steps(commands: list[str], ref: str) -> list[tuple[str, str]]:
-    """Each `pip install` in order: ("pip", ""), ("torch", "index" or "default"), ("package", target).
+    """Each `pip install` in order.
+
+    As ("pip", ""), ("torch", "index" or "default"), ("package", target).
 
     ``ref`` writes a variable reference: "$({})" in the Makefile, "${{{}}}" in the Dockerfile.
     """
@@ -532,26 +559,37 @@ def test_the_image_installs_like_make_install() -> None:
     make = _makefile_vars()
     args, runs, _ = _dockerfile()
     assert args["TORCH"] == make["TORCH"], "the image and `make install` pin different torch builds"
-    recipe = [l.strip() for l in (ROOT / "Makefile").read_text().splitlines() if "pip install" in l]
-    # Make: pip, torch (from TORCH_INDEX when set), then the package with its test extra.
-    assert _install_steps(recipe, "$({})") == [("pip", ""), ("torch", "index"), ("package", ".[test]")]
+    recipe = [
+        line.strip()
+        for line in (ROOT / "Makefile").read_text().splitlines()
+        if "pip install" in line
+    ]
+    # Make: pip, torch (from TORCH_INDEX when set), then the package alone (make demo) or
+    # with its test extra (make test).
+    assert _install_steps(recipe, "$({})") == [
+        ("pip", ""), ("torch", "index"), ("package", "."), ("package", ".[test]")
+    ]
     # Image: the same steps; torch from a chosen (CUDA) index, the package without the test extra.
     assert _install_steps(runs, "${{{}}}") == [("pip", ""), ("torch", "index"), ("package", ".")]
     assert args["TORCH_INDEX"].startswith("https://")
 
 
 def test_the_image_runs_fcn_pipeline_as_a_fixed_non_root_user_without_secrets() -> None:
-    args, runs, lines = _dockerfile()
+    args, _, lines = _dockerfile()
     assert int(args["UID"]) == RUN_AS_USER != 0
-    users = [l.split()[1] for l in lines if l.startswith("USER ")]
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users == ["${UID}:${UID}"]
-    assert 'ENTRYPOINT ["fcn-pipeline"]' in lines
-    assert any(l.startswith("FROM ") for l in lines)
-    assert re.match(r"nvidia/cuda:12\.\d+(\.\d+)?-cudnn-runtime-ubuntu\d\d\.04$", args["BASE_IMAGE"])
+    # Under tini (installed by the image), which forwards SIGTERM and reaps children.
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "fcn-pipeline"]' in lines
+    assert any("apt-get install" in run and " tini" in run for run in _dockerfile()[1])
+    assert any(line.startswith("FROM ") for line in lines)
+    assert re.match(
+        r"nvidia/cuda:12\.\d+(\.\d+)?-cudnn-runtime-ubuntu\d\d\.04$", args["BASE_IMAGE"]
+    )
     text = (DEPLOY / "Dockerfile").read_text()
     assert not re.search(r"(?im)^(ARG|ENV)\s+\w*(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", text)
     assert "--mount=type=secret" not in text
-    copied = [l.split()[1:-1] for l in lines if l.startswith("COPY ")]
+    copied = [line.split()[1:-1] for line in lines if line.startswith("COPY ")]
     assert sorted(p for c in copied for p in c) == ["README.md", "pipeline", "pyproject.toml"]
 
 

@@ -10,9 +10,9 @@ import zarr
 from distributed import Client, LocalCluster, wait
 
 from pipeline.analysis import receptive_field
-from pipeline.graph import scene_token, submit_scene
+from pipeline.graph import SceneJob, scene_token, submit_scene
 from pipeline.grid import TileGrid
-from pipeline.journal import SceneRecord
+from pipeline.journal import FileIdentity, SceneRecord, locked
 from pipeline.modelspec import load_spec
 from pipeline.plan import ScenePlan, outputs_for
 from pipeline.readers import open_scene
@@ -53,25 +53,33 @@ def test_gpu_runs_ask_for_the_gpu_resource_and_keys_are_deterministic(tmp_path, 
         transform=plan.info.transform, classes=spec.classes, nodata=255))
     # The device stays on the CPU here; only the resource request is under test.
     model = ModelRef(str(spec_path), digest, "cpu")
+    job = SceneJob(plan, str(tmp_path / "o"), "run-1", "f" * 64, FileIdentity.of(scene))
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                      resources={"GPU": 1}, dashboard_address=":0") as cluster, Client(cluster) as client:
-        futures = submit_scene(client, plan, model, record, batch_size=2, probabilities=False,
-                               gpu=True)
+                      resources={"GPU": 1}, dashboard_address=":0") as cluster, \
+            Client(cluster) as client, locked(tmp_path / "o", job.run_id):
+        futures = submit_scene(client, job, model, batch_size=2, probabilities=False, gpu=True)
         wait([*futures.tiles, futures.publish])
         restrictions = client.run_on_scheduler(
-            lambda dask_scheduler: {k: ts.resource_restrictions for k, ts in dask_scheduler.tasks.items()}
+            lambda dask_scheduler: {
+                k: ts.resource_restrictions for k, ts in dask_scheduler.tasks.items()
+            }
         )
-        assert all(f.status == "finished" for f in futures.tiles), [f.exception() for f in futures.tiles]
+        assert all(f.status == "finished" for f in futures.tiles), [
+            f.exception() for f in futures.tiles
+        ]
         assert futures.publish.status == "finished"
     assert len(futures.tiles) == 3 * 2  # 3 rows of tiles, 3 tiles a row in runs of 2
     for future in futures.tiles:
         assert restrictions[future.key] == {"GPU": 1}
     assert not restrictions[futures.publish.key]
-    again = scene_token(plan, model, 2, False)
+    again = scene_token(job, model, 2, False)
     assert all(again in f.key for f in futures.tiles)
-    assert scene_token(plan, model, 1, False) != again
+    assert scene_token(job, model, 1, False) != again
     elsewhere = _plan(scene, spec_path, tmp_path / "other", 32)
-    assert scene_token(elsewhere, model, 2, False) != again  # other outputs: other tasks
+    other = SceneJob(elsewhere, str(tmp_path / "other"), "run-1", "f" * 64, job.identity)
+    assert scene_token(other, model, 2, False) != again  # other outputs: other tasks
+    later = SceneJob(plan, str(tmp_path / "o"), "run-2", "f" * 64, job.identity)
+    assert scene_token(later, model, 2, False) != again  # another run: other tasks
     labels = zarr.open_group(str(plan.outputs.store), mode="r")["labels"][:]
     assert labels.shape == (96, 96) and set(np.unique(labels)) <= {0, 1, 2, 3, 255}
     assert plan.outputs.cog.is_file()

@@ -129,7 +129,8 @@ def test_dry_run_prints_the_plan_and_computes_nothing(scenes: Path, tmp_path: Pa
     done = run_cli("run", str(scenes / "scene-000.tif"), "--out", str(out), "--tile-size", "128",
                    "--dry-run")
     assert done.returncode == 0, done.stderr
-    assert "9 tiles (3x3 of 128x128)" in done.stdout
+    assert "333x333 px (width x height), 9 tiles (3x3 of 128x128 px)" in done.stdout
+    assert "scene-000: start" in done.stdout
     assert "halo before" in done.stdout and "overhead" in done.stdout and "MiB" in done.stdout
     assert not out.exists()
 
@@ -159,6 +160,10 @@ def test_auto_tile_size_is_measured_once_per_output_directory(scenes: Path,
     again = run_cli("run", scene, "--out", str(out), "--dry-run")
     first_line = again.stdout.splitlines()[0]
     assert "windows at 1000.00 Mpx/s measured" in first_line, first_line
+    # Another tile size than the published outputs': the dry run says the run would be
+    # refused, and exits as the run would.
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert "scene-000: refused" in again.stdout
 
 
 def test_a_bad_scene_fails_alone(scenes: Path, tmp_path: Path) -> None:

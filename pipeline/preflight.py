@@ -1,0 +1,275 @@
+"""Everything a run checks before it loads torch or starts a cluster.
+
+Usage errors must answer at once, and a run must never destroy what it did not
+make. So before the first import of torch, :func:`preflight`:
+
+- expands the scene arguments as users type them (:func:`expand_scenes`);
+- reads the model spec and checks its weights file;
+- checks that the output folder is, or can be made, a writable folder, without
+  creating it (it is created only when a scene will run);
+- names each scene's outputs, and refuses outputs that would replace an input
+  scene (always) or a ``STEM.tif``/``STEM.zarr`` this tool did not make there
+  (unless ``--overwrite``);
+- refuses an output folder another run holds;
+- reads each scene's header (size, dtype, georeference, bands): a bad scene fails
+  alone, with one line.
+
+No torch, no Dask: this module may import rasterio (through the readers), YAML
+and the standard library only.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError, PipelineError, SceneError
+from pipeline.journal import DigestCache, FileIdentity, SceneRecord, check_unlocked
+from pipeline.modelspec import ModelSpec, load_spec, verify_weights
+from pipeline.plan import Outputs, name_outputs
+from pipeline.readers import check_bands, open_scene
+from pipeline.scene import SceneInfo, nodata_problem
+
+
+@dataclass(frozen=True)
+class SceneCheck:
+    """One scene argument after the checks: its header, or why it cannot run."""
+
+    path: str
+    outputs: Outputs
+    info: SceneInfo | None = None
+    error: str | None = None
+    #: sha256 of the scene file's bytes (the input part of its fingerprint).
+    digest: str | None = None
+    #: The file's size, modification time and inode when it was hashed: tasks compare it
+    #: with the file they read, so a scene changed during the run fails.
+    identity: FileIdentity | None = None
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """The outcome of :func:`preflight`: what the run will work on."""
+
+    config: RunConfig
+    out_dir: Path
+    spec: ModelSpec
+    weights_sha256: str
+    scenes: tuple[SceneCheck, ...] = field(default_factory=tuple)
+
+    @property
+    def runnable(self) -> list[SceneCheck]:
+        return [s for s in self.scenes if s.info is not None]
+
+
+def expand_scenes(arguments: tuple[str, ...] | list[str]) -> list[str]:
+    """Scene paths from the arguments as users type them, in order, without repeats.
+
+    An argument naming an existing file is that file, whatever characters it holds
+    (``scene[1].tif`` is not a pattern when it exists); only otherwise is it a glob
+    pattern (``**`` spans folders). A pattern that matches nothing is a usage error;
+    a plain path that does not exist is kept, so that scene fails with "no such file"
+    and the others run.
+
+    Raises:
+        ConfigError: no arguments, or a pattern that matched no file.
+    """
+    if not arguments:
+        raise ConfigError("no scenes given: pass scene files or patterns, or set scenes in a workflow")
+    seen: dict[str, None] = {}
+    for argument in arguments:
+        if os.path.lexists(argument) or not glob.has_magic(argument):
+            matches = [argument]
+        else:
+            matches = sorted(p for p in glob.glob(argument, recursive=True) if not os.path.isdir(p))
+            if not matches:
+                raise ConfigError(f"{argument}: pattern matched no file")
+        for path in matches:
+            seen.setdefault(os.path.abspath(path), None)
+    return list(seen)
+
+
+def _cause(path: Path) -> str:
+    """Why ``path`` (an existing folder) cannot be written, in a few words."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    return "permission denied"
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Check that ``out_dir`` is a writable folder, or can be created as one, without
+    creating anything.
+
+    Raises:
+        ConfigError: one line naming the path and the cause (a file in the way, no
+            permission, a read-only file system).
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: it is a file, not a folder")
+    if out_dir.is_dir():
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out {out_dir}: cannot write there ({_cause(out_dir)})")
+        return
+    parent = out_dir.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out_dir}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out_dir}: cannot be created in {parent} ({_cause(parent)})")
+
+
+def _same_file(a: str, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_inputs_kept(scenes: list[str], outputs: list[Outputs], out_dir: Path) -> None:
+    """Refuse outputs that would replace or delete an input scene, whatever the options.
+
+    Raises:
+        ConfigError: one line naming the input and the output that would replace it.
+    """
+    inputs = {os.path.realpath(s): s for s in scenes}
+    real_out = Path(os.path.realpath(out_dir))
+    for out in outputs:
+        for target in (out.cog, out.store):
+            real = os.path.realpath(real_out / target.name)
+            for real_input, scene in inputs.items():
+                inside = real_input == real or real_input.startswith(real + os.sep)
+                if inside or _same_file(scene, target):
+                    raise ConfigError(
+                        f"the output {target} would replace the input scene {scene}; "
+                        "choose another --out (inputs are never overwritten)")
+    for real_input, scene in inputs.items():
+        if real_input.startswith(str(real_out / ".fcn-pipeline") + os.sep):
+            raise ConfigError(f"the input scene {scene} lies inside {out_dir}/.fcn-pipeline, "
+                              "the journal of that output folder; move it out first")
+
+
+def check_foreign_outputs(scenes: list[str], outputs: list[Outputs], out_dir: Path,
+                          overwrite: bool) -> None:
+    """Refuse, unless ``overwrite``, outputs that would replace a ``STEM.tif`` or
+    ``STEM.zarr`` which this tool did not make in ``out_dir`` (its journal has no record
+    that matches them).
+
+    Raises:
+        ConfigError: one line naming the scene and the file it would replace.
+    """
+    if overwrite or not out_dir.is_dir():
+        return
+    for scene, out in zip(scenes, outputs):
+        foreign = SceneRecord(out_dir, out.stem).foreign_outputs()
+        if foreign:
+            raise ConfigError(
+                f"the outputs of {scene} would replace {foreign[0]}, which fcn-pipeline did "
+                f"not make there; move it away, choose another --out, or pass --overwrite "
+                "to replace it")
+
+
+def load_model_spec(config: RunConfig) -> tuple[ModelSpec, str]:
+    """The run's model spec and the sha256 of its weights (checked against the spec's)."""
+    spec = load_spec(config.model)
+    return spec, verify_weights(spec)
+
+
+def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool) -> SceneCheck:
+    """A scene's header, checked against the model spec; errors become the scene's
+    one line, never an exception."""
+    try:
+        info = open_scene(path, allow_no_crs=allow_no_crs)
+        check_bands(info, spec.bands, spec.dtypes)
+        if not isinstance(spec.nodata_input, str):
+            problem = nodata_problem(float(spec.nodata_input), info.dtype)
+            if problem:
+                raise SceneError(f"{Path(path).name}: nodata.input of {spec.source}: {problem}; "
+                                 "set nodata.input to a value the scene's pixels can hold, or "
+                                 "to scene or none")
+    except PipelineError as exc:
+        return SceneCheck(path, outputs, error=str(exc).strip().splitlines()[0])
+    return SceneCheck(path, outputs, info=info)
+
+
+def output_dir(config: RunConfig) -> Path:
+    if not config.output:
+        raise ConfigError("no output directory: pass --out DIR or set output in a workflow")
+    return Path(config.output).expanduser().absolute()
+
+
+def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
+    """Check a run before loading torch or starting a cluster (see the module docstring).
+
+    Args:
+        config: The resolved run configuration.
+        digests: Also compute each readable scene's content digest (its fingerprint's
+            input part), reusing the output folder's cache of them.
+
+    Returns:
+        The checked scenes: each with its header and outputs, or its one-line error.
+
+    Raises:
+        ConfigError, ModelSpecError: a usage error (one line): no scenes, a pattern
+            that matched nothing, a bad spec or weights file, an output folder that is
+            not writable, outputs that would replace an input scene or a file this tool
+            did not make (without ``--overwrite``), another run holding the folder.
+    """
+    out_dir = output_dir(config)
+    paths = expand_scenes(config.scenes)
+    spec, weights_sha256 = load_model_spec(config)
+    check_output_dir(out_dir)
+    if out_dir.is_dir():
+        check_unlocked(out_dir)
+    outputs = name_outputs(paths, out_dir)
+    check_inputs_kept(paths, outputs, out_dir)
+    check_foreign_outputs(paths, outputs, out_dir, config.overwrite)
+    checks = [check_scene(p, o, spec, config.allow_no_crs) for p, o in zip(paths, outputs)]
+    if digests:
+        cache = DigestCache(out_dir if out_dir.is_dir() else None)
+        checks = [_with_digest(c, cache) for c in checks]
+    return Preflight(config, out_dir, spec, weights_sha256, tuple(checks))
+
+
+def _with_digest(check: SceneCheck, cache: DigestCache) -> SceneCheck:
+    if check.info is None:
+        return check
+    try:
+        digest, identity = cache.digest(check.info.path)
+    except OSError as exc:
+        return SceneCheck(check.path, check.outputs,
+                          error=f"{Path(check.path).name} cannot be read: {exc.strerror or exc}")
+    return SceneCheck(check.path, check.outputs, check.info, None, digest, identity)
+
+
+def save_digests(checked: Preflight) -> None:
+    """Keep the scenes' content digests in the output folder for the next run."""
+    cache = DigestCache(checked.out_dir)
+    for check in checked.runnable:
+        if check.digest is not None and check.identity is not None:
+            cache.remember(check.path, check.digest, check.identity)
+    cache.save()
+
+
+def check_named_files(config: RunConfig) -> None:
+    """What ``fcn-pipeline validate`` checks beyond the configuration itself: the scenes
+    exist (patterns match), the model spec and its weights can be read, and the output
+    folder is writable or can be created.
+
+    Raises:
+        ConfigError, ModelSpecError: one line naming the first problem found.
+    """
+    paths = expand_scenes(config.scenes)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(f"scene {missing[0]} does not exist or is not a file{more}")
+    load_model_spec(config)
+    check_output_dir(output_dir(config))

@@ -1,0 +1,83 @@
+"""``fcn-pipeline verify DIR``: published outputs against the checksums recorded for them.
+
+The manifest records, per published scene, the sha256 of its COG and of its Zarr
+store's file listing; the journal's published record (``.fcn-pipeline/.published/``)
+holds the sha256 of every file of the store, so a damaged store names its damaged files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.journal import SceneRecord, file_digest, listing_digest, read_manifest, store_files
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One published file (or store) and what is wrong with it, if anything."""
+
+    path: str
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "ok": self.ok, "problem": self.problem}
+
+
+def _check_file(path: Path, sha256: str | None) -> Finding:
+    if not path.is_file():
+        return Finding(str(path), "missing")
+    if sha256 is None:
+        return Finding(str(path), "no checksum was recorded for it")
+    try:
+        actual = file_digest(path)
+    except OSError as exc:
+        return Finding(str(path), f"cannot be read ({exc.strerror or exc})")
+    return Finding(str(path), None if actual == sha256 else "checksum differs from the recorded one")
+
+
+def _check_store(store: Path, files: dict[str, str] | None, sha256: str | None) -> list[Finding]:
+    if not store.is_dir():
+        return [Finding(str(store), "missing")]
+    present = store_files(store)
+    if files is None:  # only the listing digest: say whether the store as a whole matches
+        actual = {rel: file_digest(store / rel) for rel in present}
+        ok = sha256 is not None and listing_digest(actual) == sha256
+        return [Finding(str(store), None if ok else "checksum differs from the recorded one "
+                        "(the journal's per-file checksums are gone, so no file can be named)")]
+    findings = [_check_file(store / rel, want) for rel, want in sorted(files.items())]
+    findings += [Finding(str(store / rel), "not part of the published store")
+                 for rel in present if rel not in files]
+    damaged = [f for f in findings if not f.ok]
+    return damaged or [Finding(str(store))]
+
+
+def verify_outputs(out_dir: Path) -> list[Finding]:
+    """Check every published scene of ``out_dir``'s manifest.
+
+    Returns:
+        One finding per COG and per store (ok), or per damaged file.
+
+    Raises:
+        ConfigError: ``out_dir`` has no manifest that parses.
+    """
+    manifest = read_manifest(out_dir)
+    findings: list[Finding] = []
+    for scene in manifest["scenes"]:
+        if not isinstance(scene, dict) or scene.get("status") != "done":
+            continue
+        checksums = scene.get("checksums") or {}
+        record = SceneRecord(out_dir.absolute(), str(scene.get("stem")))
+        published = record.published_record()
+        cog = checksums.get("cog") or {}
+        zarr = checksums.get("zarr") or {}
+        findings.append(_check_file(record.published_cog, cog.get("sha256")))
+        files = dict(published.zarr["files"]) if published is not None \
+            and published.zarr.get("sha256") == zarr.get("sha256") else None
+        findings.extend(_check_store(record.published_store, files, zarr.get("sha256")))
+    return findings
