@@ -140,7 +140,8 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 @click.option("--model", help="Model spec file, or demo (the default).")
 @click.option("--workflow", type=click.Path(dir_okay=False),
               help="Workflow file (settings: file < FCN_PIPELINE_* environment < options).")
-@click.option("--date", help="Run date for {date} in the workflow, YYYY-MM-DD (default: today, UTC).")
+@click.option("--date",
+              help="Run date for {date} in the workflow, YYYY-MM-DD (default: today, UTC).")
 @click.option("--tile-size", help="Core tile size in pixels, or auto (default): the best "
               "estimated throughput within --memory-budget.")
 @click.option("--memory-budget", help="Memory one inference task may use, e.g. 2GiB (default: "
@@ -150,11 +151,14 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 @click.option("--scheduler", help="Dask scheduler address (else DASK_SCHEDULER_ADDRESS, else an "
               "embedded cluster).")
 @click.option("--cluster", type=click.Choice(["kubernetes"]),
-              help="Create an ephemeral Dask cluster for this run (needs fcn-pipeline[kubernetes]).")
+              help="Create an ephemeral Dask cluster for this run "
+                   "(needs fcn-pipeline[kubernetes]).")
 @click.option("--cluster-spec", type=click.Path(dir_okay=False),
               help="DaskCluster YAML for --cluster kubernetes.")
-@click.option("--workers", type=int, help="Workers of the embedded cluster (default: one per core).")
-@click.option("--threads-per-worker", type=int, help="Threads per worker, also torch's (default 1).")
+@click.option("--workers", type=int,
+              help="Workers of the embedded cluster (default: one per core).")
+@click.option("--threads-per-worker", type=int,
+              help="Threads per worker, also torch's (default 1).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Autocast precision of the forward pass (default fp32).")
 @click.option("--channels-last/--no-channels-last", default=None,
@@ -162,7 +166,8 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 @click.option("--compile/--no-compile", "compile_model", default=None,
               help="torch.compile the model once per worker.")
 @click.option("--gpu-resource/--no-gpu-resource", default=None,
-              help="Inference tasks ask for the Dask resource GPU=1 (default: when --device is cuda).")
+              help="Inference tasks ask for the Dask resource GPU=1 "
+                   "(default: when --device is cuda).")
 @click.option("--probabilities/--no-probabilities", default=None,
               help="Also store per-class float16 scores.")
 @click.option("--allow-no-crs", is_flag=True, default=None, help="Process scenes without a CRS.")
@@ -193,13 +198,16 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
 
     if quiet and verbose:
         _fail_usage(ConfigError("-q/--quiet and -v/--verbose exclude each other"))
-    say: Callable[[str], None] = (lambda m: click.echo(m, err=True)) if verbose else (lambda m: None)
+    say: Callable[[str], None] = (
+        (lambda m: click.echo(m, err=True)) if verbose else (lambda m: None)
+    )
     try:
         if date is not None and workflow is None:
             raise ConfigError("--date fills {date} in a workflow file: pass --workflow FILE too")
         if (cluster is None) != (cluster_spec is None):
             raise ConfigError("--cluster kubernetes and --cluster-spec FILE go together")
-        config = resolve(load_workflow(workflow, date=date) if workflow else {}, values_from_env(), {
+        settings = load_workflow(workflow, date=date) if workflow else {}
+        config = resolve(settings, values_from_env(), {
             "scenes": tuple(scenes) or None, "output": output, "model": model,
             "tile_size": _tile_size(tile_size), "batch_size": batch_size, "device": device,
             "memory_budget": parse_bytes(memory_budget) if memory_budget else None,
@@ -246,6 +254,8 @@ def _show_report(report: Any, dry_run: bool, as_json: bool, quiet: bool) -> NoRe
     if report.refusal:
         click.echo(f"error: {report.refusal}", err=True)
         sys.exit(EXIT_USAGE)
+    if report.manifest_error:
+        click.echo(f"error: {report.manifest_error}", err=True)
     if report.interrupted:
         import signal
 
@@ -254,7 +264,7 @@ def _show_report(report: Any, dry_run: bool, as_json: bool, quiet: bool) -> NoRe
         click.echo(f"fcn-pipeline: interrupted by {name}: {left} scene(s) recorded as "
                    "interrupted; run the same command again to resume", err=True)
         sys.exit(128 + report.interrupted)
-    sys.exit(EXIT_FAILED if failed else 0)
+    sys.exit(EXIT_FAILED if failed or report.manifest_error else 0)
 
 
 def _tile_size(text: str | None) -> int | None:
@@ -351,7 +361,8 @@ def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: 
               help="demo, a model spec file, or a built-in architecture name (random weights).")
 @click.option("--size", default=2048, show_default=True, help="Side of the generated scene (px).")
 @click.option("--tile-size", type=int, help="Tile size of (b), (c), (d) (default: what run picks).")
-@click.option("--workers", type=int, help="Workers of the run (default: --threads on cpu, 1 on cuda).")
+@click.option("--workers", type=int,
+              help="Workers of the run (default: --threads on cpu, 1 on cuda).")
 @click.option("--threads", type=int, help="torch threads, and workers x threads of the run "
               "(default: the usable cores).")
 @click.option("--repeats", default=3, show_default=True, help="Timed passes of (a), (b), (d).")
@@ -415,7 +426,8 @@ def demo() -> None:
               help="Folder for demo.safetensors and demo.yaml (the packaged ones: pipeline/data).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--steps", default=1500, show_default=True)
-@click.option("--threads", default=2, show_default=True, help="torch threads (results depend on it).")
+@click.option("--threads", default=2, show_default=True,
+              help="torch threads (results depend on it).")
 def demo_train(out: Path, seed: int, steps: int, threads: int) -> None:
     """Train the demo patch classifier on generated scenes and write the FCN's weights and spec."""
     from pipeline.demo import train_demo
@@ -428,7 +440,8 @@ def demo_train(out: Path, seed: int, steps: int, threads: int) -> None:
 
 
 @demo.command("evaluate")
-@click.option("--model", default="demo", show_default=True, help="Spec of a demo-architecture model.")
+@click.option("--model", default="demo", show_default=True,
+              help="Spec of a demo-architecture model.")
 @click.option("--size", default=1024, show_default=True, help="Pixels per side of each scene.")
 @click.option("--seeds", default="9000,9001,9002,9003", show_default=True,
               help="Held-out scene seeds (training uses 1000 and up).")

@@ -16,6 +16,7 @@ from distributed import Client, LocalCluster
 
 from pipeline.config import usable_cores
 from pipeline.errors import ConfigError
+from pipeline.worker_setup import WORKER_LOG_ENV
 
 #: The Dask resource that inference tasks ask for on a GPU run.
 GPU_RESOURCE = "GPU"
@@ -29,6 +30,10 @@ class ClusterSpec:
     workers: int | None = None
     threads_per_worker: int = 1
     gpu: bool = False
+    #: Where the embedded cluster's workers write their stdout and stderr (messages of
+    #: C libraries such as libtiff's "No space left on device" among them), instead of
+    #: the terminal: the run reports each failure once, in one line. None: inherited.
+    worker_log: str | None = None
 
     def address(self) -> str | None:
         """The scheduler address from the spec, else ``DASK_SCHEDULER_ADDRESS``."""
@@ -46,7 +51,8 @@ def default_workers(threads_per_worker: int, gpu: bool) -> int:
 
 def worker_config() -> dict[str, Any]:
     """The Dask settings of ``pipeline/data/dask.yaml`` as dotted keys for ``dask.config.set``."""
-    text = resources.files("pipeline").joinpath("data", "dask.yaml").read_text(encoding="utf-8")
+    path = resources.files("pipeline").joinpath("data").joinpath("dask.yaml")
+    text = path.read_text(encoding="utf-8")
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, node: Mapping[str, Any]) -> None:
@@ -86,6 +92,7 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
             resources={GPU_RESOURCE: 1} if spec.gpu else None,
             silence_logs=logging.CRITICAL,  # a failed tile is reported once, by the run
             preload=["pipeline.worker_setup"],  # Ctrl-C is the run's to handle
+            env={WORKER_LOG_ENV: spec.worker_log} if spec.worker_log else None,
         )
     try:
         with Client(cluster) as client:

@@ -119,7 +119,7 @@ def model_geometry(model: nn.Module, input_shape: tuple[int, int, int],
     try:
         field = receptive_field(model)
         analysed = True
-    except ModelAnalysisError:
+    except ModelAnalysisError as exc:
         if require_field:
             raise
         strides = []
@@ -128,7 +128,7 @@ def model_geometry(model: nn.Module, input_shape: tuple[int, int, int],
                 raise GeometryError(
                     f"output {out[1:]} is not the input {input_shape[1:]} divided by an integer "
                     "stride; cannot tile a model the analysis rejects"
-                )
+                ) from exc
             strides.append(n_in // n_out)
         s = (strides[0], strides[1])
         field = ReceptiveField(size=s, stride=s, offset=(0, 0), align=s)
@@ -136,12 +136,13 @@ def model_geometry(model: nn.Module, input_shape: tuple[int, int, int],
     return ModelGeometry(field, (out[1], out[2]), out[0], analysed)
 
 
-def plan_tiles(model: nn.Module, input_shape: tuple[int, int, int], tile_size: int | tuple[int, int],
+def plan_tiles(model: nn.Module, input_shape: tuple[int, int, int],
+               tile_size: int | tuple[int, int],
                halo: Halo | int | tuple[int, int] | None = None,
                dtype: torch.dtype = torch.float32) -> tuple[TileGrid, ModelGeometry]:
     """The tile grid for running ``model`` over an input of ``(C, H, W)``."""
     geometry = model_geometry(model, input_shape, dtype, require_field=halo is None)
-    grid = TileGrid.build(input_shape[1:], geometry.output_shape, geometry.field, tile_size, halo)  # type: ignore[arg-type]
+    grid = TileGrid.build(input_shape[1:], geometry.output_shape, geometry.field, tile_size, halo)
     return grid, geometry
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import sys
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -49,7 +50,10 @@ from pipeline.errors import ModelSpecError
 from pipeline.labels import DEFAULT_NODATA, LabelClass, label_dtype
 
 if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
+    if sys.version_info >= (3, 11):
+        from importlib.resources.abc import Traversable
+    else:
+        from importlib.abc import Traversable
 
 #: The only spec schema version this release reads.
 SCHEMA_VERSION = 1
@@ -194,7 +198,7 @@ def load_spec(source: str | PathLike[str]) -> ModelSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelSpecError(f"{path}: cannot read the model spec ({exc})") from exc
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         raise ModelSpecError(f"{path}: not valid YAML: {exc}") from exc
     return parse_spec(data, path=path)

@@ -94,7 +94,7 @@ class ScenePlan:
         the network as one batch.
         """
         rows, cols = self.grid.grid_shape
-        out = []
+        out: list[tuple[Tile, ...]] = []
         for i in range(rows):
             row = [self.grid.tile(i, j) for j in range(cols) if (i, j) not in skip]
             out.extend(tuple(row[k:k + size]) for k in range(0, len(row), size))
@@ -139,8 +139,9 @@ def describe(plans: list[ScenePlan], field: ReceptiveField, memory: MemoryEstima
         rows, cols = grid.scene_shape
         lines.append(
             f"{plan.outputs.stem}: {cols}x{rows} px (width x height), {len(grid)} tiles "
-            f"({grid.grid_shape[1]}x{grid.grid_shape[0]} of {grid.tile_shape[1]}x{grid.tile_shape[0]}"
-            f" px), overhead {grid.overhead:.3f} -> {plan.outputs.store.name}, {plan.outputs.cog.name}"
+            f"({grid.grid_shape[1]}x{grid.grid_shape[0]} of "
+            f"{grid.tile_shape[1]}x{grid.tile_shape[0]} px), overhead {grid.overhead:.3f} -> "
+            f"{plan.outputs.store.name}, {plan.outputs.cog.name}"
         )
         total_tiles += len(grid)
         total_px += rows * cols

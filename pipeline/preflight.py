@@ -77,7 +77,9 @@ def expand_scenes(arguments: tuple[str, ...] | list[str]) -> list[str]:
         ConfigError: no arguments, or a pattern that matched no file.
     """
     if not arguments:
-        raise ConfigError("no scenes given: pass scene files or patterns, or set scenes in a workflow")
+        raise ConfigError(
+            "no scenes given: pass scene files or patterns, or set scenes in a workflow"
+        )
     seen: dict[str, None] = {}
     for argument in arguments:
         if os.path.lexists(argument) or not glob.has_magic(argument):

@@ -28,8 +28,8 @@ from typing import Any
 
 from pipeline.errors import OutputError
 from pipeline.journal import (
-    WORK,
     TRASH,
+    WORK,
     PublishedRecord,
     SceneRecord,
     check_run,
@@ -68,7 +68,7 @@ def _verify_tiles(record: SceneRecord) -> dict[str, str]:
         OutputError: a chunk is missing or changed since its tile was written; its tile
             record is removed, so the next run computes that tile again.
     """
-    good, damaged = record.verified_tiles()
+    _good, damaged = record.verified_tiles()
     if damaged:
         raise OutputError(f"{record.stem}: {damaged[0]}; rerun to compute "
                           f"{'that tile' if len(damaged) == 1 else f'those {len(damaged)} tiles'}"

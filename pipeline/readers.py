@@ -19,6 +19,7 @@ is never set, so an unreadable block is never returned as zeros.
 
 from __future__ import annotations
 
+import logging
 import warnings
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,12 @@ from rasterio.windows import Window
 from pipeline.errors import SceneError, SceneReadError
 from pipeline.grid import Box
 from pipeline.scene import NUMERIC_KINDS, Affine6, SceneInfo, nodata_problem
+
+# GDAL's messages reach rasterio's logger, and, with no logging configured, Python's
+# last-resort handler prints them raw ("_tiffSeekProc: No space left on device."). Every
+# one of them that matters becomes an exception here, reported once in one line; an
+# application that configures logging still receives them.
+logging.getLogger("rasterio").addHandler(logging.NullHandler())
 
 #: GDAL configuration for every open in this module. READDIR off: a scene in a
 #: folder of thousands is opened without listing the folder (sidecars such as

@@ -47,6 +47,8 @@ from pipeline.inference import (
 )
 from pipeline.journal import (
     FINGERPRINT_ATTR,
+    WORK,
+    WORKER_LOG,
     SceneRecord,
     clean_leftovers,
     fingerprint,
@@ -136,6 +138,8 @@ class RunReport:
     plan: dict[str, Any] = field(default_factory=dict)
     #: Why the run is refused (a dry run reports it instead of raising ConfigError).
     refusal: str | None = None
+    #: Why the final manifest could not be written (the run then exits 1).
+    manifest_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -535,9 +539,16 @@ def _execute(config: RunConfig, checked: Preflight, scenes: list[_Scene],
     state: dict[str, Any] = {"status": "running", "interrupted": None, "dashboard": None}
 
     def save() -> None:
+        """Write the manifest; when it cannot be (disk full) the run goes on and reports
+        its scenes and this error at the end (exit 1); a later write may succeed."""
         with deferred():
-            write_manifest(out_dir, _manifest(config, model, device, started, results, run_id,
-                                              history, state))
+            try:
+                write_manifest(out_dir, _manifest(config, model, device, started, results,
+                                                  run_id, history, state))
+            except OutputError as exc:
+                state["manifest_error"] = str(exc)
+            else:
+                state["manifest_error"] = None
 
     try:
         with locked(out_dir, run_id):
@@ -564,7 +575,8 @@ def _execute(config: RunConfig, checked: Preflight, scenes: list[_Scene],
         raise OutputError(f"cannot write in the output folder {out_dir}: "
                           f"{exc.strerror or exc}") from exc
     return RunReport(results, out_dir / "run.json", plan_text, state["dashboard"],
-                     state["interrupted"], plan_data)
+                     state["interrupted"], plan_data,
+                     manifest_error=state.get("manifest_error"))
 
 
 def _signal_name(signum: int | None) -> str:
@@ -616,7 +628,8 @@ def _work(config: RunConfig, checked: Preflight, scenes: list[_Scene],
         compile=config.compile,
     )
     gpu = device == "cuda" if config.gpu_resource is None else config.gpu_resource
-    cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker, gpu=gpu)
+    cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker, gpu=gpu,
+                          worker_log=str(out_dir / WORK / WORKER_LOG))
     with connect(cluster) as client:
         services = client.scheduler_info().get("services", {})
         dashboard = client.dashboard_link if "dashboard" in services else None

@@ -15,16 +15,19 @@ run writes nothing, and a scene replaced during the run fails alone.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from pipeline.errors import SceneChangedError, SceneError
+from pipeline.errors import PipelineError, SceneChangedError, SceneError
 from pipeline.grid import Tile
 from pipeline.inference import class_labels, finite_scores
 from pipeline.journal import FileIdentity, SceneRecord, check_run, record_tile
@@ -36,6 +39,25 @@ from pipeline.publication import PublishTarget, publish
 from pipeline.readers import pixel_validity, read_window
 from pipeline.scene import nodata_problem
 from pipeline.writers import write_labels, write_overviews
+
+_Task = TypeVar("_Task", bound=Callable[..., Any])
+
+
+def _portable_errors(task: _Task) -> _Task:
+    """Our errors leave a task as a fresh exception of the same class and message, without
+    the chain of library exceptions behind them: Dask pickles an error's causes to send it
+    to the client, and an exception of a C extension (GDAL's through rasterio) that does not
+    unpickle turned a one-line error into ``Exception: OutputError('...')``."""
+
+    @functools.wraps(task)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        except PipelineError as exc:
+            error = exc
+        raise type(error)(str(error))  # outside the except block: no context, no cause
+
+    return run  # type: ignore[return-value]  # same signature, by functools.wraps
 
 
 @dataclass(frozen=True)
@@ -157,6 +179,7 @@ def _read(spec: ModelSpec, target: SceneTarget,
     return data, valid, time.perf_counter() - start
 
 
+@_portable_errors
 def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, ...]) -> BatchStats:
     """Predict ``tiles`` of one scene and write their chunks.
 
@@ -246,7 +269,8 @@ def _write(target: SceneTarget, tile: Tile, labels: np.ndarray, probs: np.ndarra
     labels = labels.astype(label_dtype(len(spec.classes)), copy=False)
     record = target.record
     check_run(target.out_dir, target.run_id)
-    files = [f"{record.store.name}/{f}" for f in write_labels(record.store, tile.core, labels, probs)]
+    written = write_labels(record.store, tile.core, labels, probs)
+    files = [f"{record.store.name}/{f}" for f in written]
     if target.overview_levels and (labels != spec.nodata_output).any():
         levels = pyramid(labels, spec.nodata_output, target.overview_levels)
         files += [f"{record.overviews.name}/{f}"
@@ -255,6 +279,7 @@ def _write(target: SceneTarget, tile: Tile, labels: np.ndarray, probs: np.ndarra
     record_tile(record.work, tile.index, files)
 
 
+@_portable_errors
 def publish_scene(target: PublishTarget, *batches: BatchStats) -> BatchStats:
     """Publish a scene whose tiles are all written (:func:`pipeline.publication.publish`);
     sum its tile stats (``seconds`` is the publication's own)."""

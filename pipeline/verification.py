@@ -38,7 +38,9 @@ def _check_file(path: Path, sha256: str | None) -> Finding:
         actual = file_digest(path)
     except OSError as exc:
         return Finding(str(path), f"cannot be read ({exc.strerror or exc})")
-    return Finding(str(path), None if actual == sha256 else "checksum differs from the recorded one")
+    return Finding(
+        str(path), None if actual == sha256 else "checksum differs from the recorded one"
+    )
 
 
 def _check_store(store: Path, files: dict[str, str] | None, sha256: str | None) -> list[Finding]:

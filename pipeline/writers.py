@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from xml.etree import ElementTree
 
 import numpy as np
 import rasterio
 import rasterio.shutil
 import zarr
+import zarr.codecs
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Compression
@@ -45,6 +47,16 @@ from pipeline.grid import Box
 from pipeline.labels import LabelClass, label_dtype
 from pipeline.overviews import COG_BLOCKSIZE, level_shape, majority_2x2, overview_factors
 
+# GDAL's messages reach rasterio's logger, and, with no logging configured, Python's
+# last-resort handler prints them raw ("_tiffSeekProc: No space left on device."). Every
+# one of them that matters becomes an exception here, reported once in one line; an
+# application that configures logging still receives them.
+logging.getLogger("rasterio").addHandler(logging.NullHandler())
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
+    from zarr.core.common import JSON
+
 #: Names of the arrays in a label store.
 LABELS = "labels"
 PROBABILITIES = "probabilities"
@@ -55,7 +67,9 @@ COG_CACHE_BYTES = 256 * 2**20
 
 #: Chunks are written even when they hold only the fill value: a tile writes its chunk
 #: once, and comparing every chunk with the fill value first costs more than writing it.
-_WRITE_CONFIG = {"write_empty_chunks": True}
+#: (The ignore: zarr imports ``NotRequired`` from ``typing``, which mypy does not see for
+#: python_version 3.10, so it takes both keys of ``ArrayConfigParams`` as required.)
+_WRITE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}  # type: ignore[typeddict-item]
 
 _CONSOLIDATED_V3_WARNING = "Consolidated metadata is currently not part in the Zarr format 3"
 
@@ -199,7 +213,7 @@ def _create_coordinates(
     }
     for dim, values in (("x", x), ("y", y)):
         standard_name, units = names[dim]
-        attrs = {
+        attrs: dict[str, JSON] = {
             "axis": dim.upper(),
             "standard_name": standard_name,
             "long_name": f"{dim} of pixel centre",
@@ -253,7 +267,11 @@ def write_labels(
     array = _member(group, LABELS, path).with_config(_WRITE_CONFIG)
     _check_chunk(path, core, array.shape, array.chunks)
     attrs = array.attrs.asdict()
-    block = _checked_labels(path, core, labels, len(attrs["class_names"]), attrs["nodata"])
+    names, nodata = attrs["class_names"], attrs["nodata"]
+    if not isinstance(names, list) or not isinstance(nodata, int):
+        raise OutputError(f"{path} is not a label store: its {LABELS!r} array has no class "
+                          f"names or no nodata label")
+    block = _checked_labels(path, core, labels, len(names), nodata)
     scores = None
     if probabilities is not None:
         if PROBABILITIES not in group:
@@ -262,7 +280,7 @@ def write_labels(
                 f"to store class scores"
             )
         scores = np.asarray(probabilities)
-        want = (len(attrs["class_names"]), *core.shape)
+        want = (len(names), *core.shape)
         if scores.shape != want:
             raise OutputError(
                 f"probabilities for tile {_box_text(core)} have shape {scores.shape}; "
@@ -274,7 +292,8 @@ def write_labels(
         array[core.slices()] = block.astype(array.dtype, copy=False)
         if scores is not None:
             scored = _member(group, PROBABILITIES, path).with_config(_WRITE_CONFIG)
-            scored[(slice(None), *core.slices())] = scores.astype(np.float16, copy=False)
+            region = (slice(None), *core.slices())
+            scored[region] = scores.astype(np.float16, copy=False)
             written.append(f"{PROBABILITIES}/{scored.metadata.encode_chunk_key((0, *index))}")
     except OSError as exc:
         raise OutputError(f"cannot write tile {_box_text(core)} to {path}: "
@@ -338,11 +357,14 @@ def write_overviews(path: str | Path, core: Box, levels: list[np.ndarray]) -> li
 def _stored_overviews(path: str | Path, geo: _StoreGeo, levels: int) -> list[zarr.Array]:
     """The overview levels a store at ``path`` holds for ``geo``'s labels, first ones first."""
     group = _open_store(path, mode="r")
-    if tuple(group.attrs.get("shape", ())) != tuple(geo.labels.shape):
-        raise OutputError(f"{path} holds overviews of a {group.attrs.get('shape')} map, not "
+    shape, stored = group.attrs.get("shape"), group.attrs.get("levels")
+    if not isinstance(shape, list) or tuple(shape) != tuple(geo.labels.shape):
+        raise OutputError(f"{path} holds overviews of a {shape} map, not "
                           f"of the {geo.labels.shape} labels")
+    if not isinstance(stored, int):
+        raise OutputError(f"{path} is not an overview store: it records no number of levels")
     return [_member(group, str(2**level), path)
-            for level in range(1, min(levels, int(group.attrs["levels"])) + 1)]
+            for level in range(1, min(levels, stored) + 1)]
 
 
 def _open_store(path: str | Path, mode: str) -> zarr.Group:
@@ -401,6 +423,21 @@ def _checked_labels(
     return block
 
 
+_NO_SPACE = "No space left on device"
+#: Below this many free bytes a failed write is put down to a full file system: libtiff
+#: prints ENOSPC to stderr and GDAL then fails later, with an unrelated message.
+_FULL_BYTES = 256 * 2**10
+
+
+def _full(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has (almost) no space left."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _FULL_BYTES
+
+
 def _os_cause(exc: BaseException) -> str:
     """The cause of an OS error in a few words ("No space left on device"), one line."""
     if isinstance(exc, OSError) and exc.strerror:
@@ -450,7 +487,7 @@ def write_cog(store: str | Path, tif: str | Path, *, blocksize: int = COG_BLOCKS
         raise OutputError(f"COG blocksize must be a positive multiple of 16, got {blocksize}")
     tif = Path(tif)
     geo = _read_store_geo(store)
-    factors = overview_factors(geo.labels.shape, blocksize)
+    factors = overview_factors((geo.labels.shape[0], geo.labels.shape[1]), blocksize)
     stored = _stored_overviews(overviews, geo, len(factors)) if overviews is not None else []
     staged: list[Path] = []
     threads = str(usable_cores())
@@ -483,8 +520,9 @@ def write_cog(store: str | Path, tif: str | Path, *, blocksize: int = COG_BLOCKS
         os.replace(cog, tif)
     except OutputError:
         raise
-    except (OSError, RasterioError) as exc:
-        raise OutputError(f"cannot write the COG {tif} from {store}: {_os_cause(exc)}") from exc
+    except Exception as exc:  # GDAL reports through several exception classes
+        cause = _NO_SPACE if _full(tif.parent) else _os_cause(exc)
+        raise OutputError(f"cannot write the COG {tif} from {store}: {cause}") from exc
     finally:
         for path in staged:
             for leftover in (path, path.with_name(path.name + ".aux.xml")):
@@ -496,13 +534,20 @@ def _read_store_geo(store: str | Path) -> _StoreGeo:
     labels = _member(group, LABELS, store)
     grid = _member(group, GRID_MAPPING, store).attrs.asdict()
     attrs = labels.attrs.asdict()
+    crs, nodata = grid.get("crs_wkt"), attrs["nodata"]
+    names, colors = attrs["class_names"], attrs["class_colors"]
+    if not isinstance(nodata, int) or not isinstance(names, list) or not isinstance(colors, list):
+        raise OutputError(f"{store} is not a label store: its {LABELS!r} array has no nodata "
+                          f"label, class names or class colours")
+    # class_colors is as create_label_store wrote it: one [r, g, b] per class.
+    rgb = cast("list[list[int]]", colors)
     return _StoreGeo(
         labels=labels,
-        crs=grid.get("crs_wkt"),
-        transform=Affine.from_gdal(*(float(v) for v in grid["GeoTransform"].split())),
-        nodata=int(attrs["nodata"]),
-        names=tuple(attrs["class_names"]),
-        colors=tuple(tuple(c) for c in attrs["class_colors"]),  # type: ignore[misc]
+        crs=None if crs is None else str(crs),
+        transform=Affine.from_gdal(*(float(v) for v in str(grid["GeoTransform"]).split())),
+        nodata=nodata,
+        names=tuple(str(name) for name in names),
+        colors=tuple((c[0], c[1], c[2]) for c in rgb),
         attrs=group.attrs.asdict(),
     )
 
@@ -544,7 +589,8 @@ def _write_level(geo: _StoreGeo, path: Path, factor: int, array: zarr.Array, blo
                  *, first: bool = False) -> None:
     """One level from a Zarr array, whole blocks at a time; the first level also gets the
     colour map, band description and tags that the COG keeps."""
-    with rasterio.open(path, "w", **_level_profile(geo, array.shape, factor, blocksize)) as dst:
+    shape = (array.shape[0], array.shape[1])
+    with rasterio.open(path, "w", **_level_profile(geo, shape, factor, blocksize)) as dst:
         for rows, cols in _block_windows(array.shape, array.chunks, blocksize):
             dst.write(_read_block(array, rows, cols), 1, window=(rows, cols))
         if first:

@@ -41,3 +41,23 @@ def one_torch_thread():  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def procs():  # type: ignore[no-untyped-def]
+    """Processes started in their own groups, all killed when the test ends."""
+    from tests.support import Processes
+
+    started = Processes()
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Two generated scenes and one clean run of them: what interrupted, damaged or
+    resumed runs must reproduce byte for byte (:class:`tests.support.Reference`)."""
+    from tests.support import make_reference
+
+    base = tmp_path_factory.mktemp("reference")
+    return make_reference(base / "scenes", base / "out")

@@ -15,6 +15,7 @@ test can count the attempts.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -50,3 +51,36 @@ class Poisoned(nn.Module):
 def poisoned(**kwargs: Any) -> nn.Module:
     """``unet_small(**kwargs)`` behind the poison check."""
     return Poisoned(unet_small(**kwargs))
+
+
+#: Environment variables of :func:`slow`: seconds each forward pass on data sleeps, and a
+#: file each pass appends ``start PID`` and ``end PID`` lines to.
+SLOW_SECONDS_ENV = "FCN_TEST_SLOW_SECONDS"
+SLOW_LOG_ENV = "FCN_TEST_SLOW_LOG"
+
+
+class Slow(nn.Module):
+    """``net`` unchanged, but every forward pass on data first sleeps
+    ``$FCN_TEST_SLOW_SECONDS`` (0 when unset): a task that is still running when its run
+    is interrupted, for the tests of what such a task may still write."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.fx.Proxy) and x.device.type != "meta":
+            log = os.environ.get(SLOW_LOG_ENV)
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"start {os.getpid()}\n")
+            time.sleep(float(os.environ.get(SLOW_SECONDS_ENV, "0")))
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"end {os.getpid()}\n")
+        return self.net(x)
+
+
+def slow(**kwargs: Any) -> nn.Module:
+    """``unet_small(**kwargs)`` behind the sleep."""
+    return Slow(unet_small(**kwargs))

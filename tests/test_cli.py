@@ -15,7 +15,8 @@ def test_version_and_help_from_the_console_entry_point() -> None:
     assert __version__ in done.stdout
     helped = run_cli("--help")
     assert helped.returncode == 0
-    for command in ("run", "inspect", "sample-scenes", "bench-memory", "status", "validate", "demo"):
+    for command in ("run", "inspect", "sample-scenes", "bench-memory", "status", "validate",
+                    "demo"):
         assert command in helped.stdout
 
 

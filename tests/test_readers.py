@@ -186,7 +186,7 @@ def test_sheared_transform_is_refused(tmp_path: Path) -> None:
 
 
 def test_round_off_in_the_rotation_terms_is_accepted(tmp_path: Path) -> None:
-    a, b, c, d, e, f = tuple(TRANSFORM)[:6]
+    a, _b, c, _d, e, f = tuple(TRANSFORM)[:6]
     nearly = Affine(a, 1e-15, c, 1e-15, e, f)
     path = write_tif(tmp_path / "roundoff.tif", pattern(10, 15), transform=nearly)
     assert open_scene(path).shape == (10, 15)

@@ -14,247 +14,43 @@ the code was broken that way in a scratch copy of the tree, the test run and see
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
-import torch
 import yaml
 import zarr
 
-from tests.conftest import ROOT, run_cli, shared_file
+from tests.conftest import ROOT, shared_file
+from tests.support import (
+    NODATA,
+    RUN_TIMEOUT,
+    SIZE,
+    STEMS,
+    TILE,
+    TILES,
+    WORK,
+    Processes,
+    Reference,
+    cli,
+    error_lines,
+    manifest,
+    markers,
+    mtimes,
+    start_cluster,
+    unet_spec,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
-
-TILE = 64
-SIZE = 320  # 5 x 5 tiles of 64; a multiple of 4 for the U-Net of the poison test
-TILES = (SIZE // TILE) ** 2
-STEMS = ("scene-000", "scene-001")
-NODATA = 255
-WORK = ".fcn-pipeline"
-WAIT = 240.0  # bound of every wait for a process to reach a point (2 shared, busy cores)
-RUN_TIMEOUT = 420.0
-
-
-# ----------------------------------------------------------------- processes
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FCN_PIPELINE_", "DASK_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.update(extra or {})
-    return env
-
-
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return run_cli(*args, timeout=RUN_TIMEOUT, env={"PYTHONPATH": str(ROOT)}, cwd=cwd)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` is still running (zombies do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in "ZX":
-            return True
-    return False
-
-
-@dataclass
-class Proc:
-    """A process started in its own session (process group), logging to files."""
-
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def stdout(self) -> str:
-        return self.log.with_suffix(".out").read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.log.with_suffix(".err").read_text(errors="replace")
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL the whole group and wait until none of it runs any more."""
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait(timeout=60)
-        deadline = time.monotonic() + 60
-        while _group_alive(self.pid):
-            assert time.monotonic() < deadline, f"process group {self.pid} survived SIGKILL"
-            time.sleep(0.05)
-
-
-class Processes:
-    """Starts processes and kills every group it started when closed."""
-
-    def __init__(self) -> None:
-        self.started: list[Proc] = []
-
-    def start(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log.with_suffix(".out"), "wb") as out, open(log.with_suffix(".err"), "wb") as err:
-            popen = subprocess.Popen(args, stdout=out, stderr=err, env=_env(env),
-                                     start_new_session=True)
-        proc = Proc(popen, log)
-        self.started.append(proc)
-        return proc
-
-    def cli(self, args: list[str], log: Path) -> Proc:
-        return self.start([sys.executable, "-m", "pipeline.cli", *args], log)
-
-    def close(self) -> None:
-        """Kill every group, even when one of them will not die (then fail)."""
-        survivors = []
-        for proc in self.started:
-            try:
-                proc.kill()
-            except (AssertionError, subprocess.TimeoutExpired):
-                survivors.append(proc.pid)
-        assert not survivors, f"process groups survived SIGKILL: {survivors}"
-
-
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    started = Processes()
-    yield started
-    started.close()
-
-
-def wait_for(condition: Callable[[], bool], what: str, *, watch: Proc | None = None,
-             timeout: float = WAIT, interval: float = 0.005) -> None:
-    """Poll ``condition``; fail after ``timeout`` or when ``watch`` exits first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if watch is not None and not watch.running():
-            if condition():
-                return
-            pytest.fail(f"{watch.log.name} exited ({watch.popen.returncode}) before {what}:\n"
-                        f"{watch.stderr()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-# ----------------------------------------------------------------- outputs
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def tree(folder: Path) -> dict[str, str]:
-    """Every file under ``folder``: relative path -> sha256."""
-    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def mtimes(folder: Path, pattern: str = "*") -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns
-            for p in folder.rglob(pattern) if p.is_file()}
-
-
-def markers(out: Path, stem: str) -> set[tuple[int, int]]:
-    """The tile records of a scene's unfinished work."""
-    folder = out / WORK / stem / "tiles"
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return set()
-    return {(int(i), int(j)) for i, _, j in (n.partition("-") for n in names)
-            if i.isdigit() and j.isdigit()}  # not the records being written (.I-J.*.tmp)
-
-
-def manifest(out: Path) -> dict[str, dict]:
-    return {s["stem"]: s for s in json.loads((out / "run.json").read_text())["scenes"]}
-
-
-def error_lines(stderr: str, name: str) -> list[str]:
-    return [line for line in stderr.splitlines() if name in line]
-
-
-@dataclass(frozen=True)
-class Reference:
-    """An uninterrupted run: the outputs every other run must reproduce."""
-
-    out: Path
-    scenes: tuple[Path, ...]
-    cogs: dict[str, str]
-    stores: dict[str, dict[str, str]]
-    labels: dict[str, np.ndarray]
-
-    def args(self, out: Path, *extra: str) -> list[str]:
-        return ["run", *map(str, self.scenes), "--out", str(out), "--tile-size", str(TILE), *extra]
-
-    def tiles_with_data(self, stem: str) -> set[tuple[int, int]]:
-        """Tiles whose core has a valid pixel: exactly the tiles a run infers."""
-        labels = self.labels[stem]
-        rows, cols = -(-labels.shape[0] // TILE), -(-labels.shape[1] // TILE)
-        return {(i, j) for i in range(rows) for j in range(cols)
-                if (labels[i * TILE:(i + 1) * TILE, j * TILE:(j + 1) * TILE] != NODATA).any()}
-
-    def assert_same(self, out: Path, stem: str) -> None:
-        """``out`` holds the published outputs of ``stem``, byte-identical to the reference."""
-        assert sha256(out / f"{stem}.tif") == self.cogs[stem], f"{stem}.tif differs"
-        got, want = tree(out / f"{stem}.zarr"), self.stores[stem]
-        differ = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
-        assert not differ, f"{stem}.zarr differs from the reference in {differ}"
-        stored = zarr.open_group(str(out / f"{stem}.zarr"), mode="r")["labels"][:]
-        assert np.array_equal(stored, self.labels[stem])
-
-    def assert_nothing_incomplete(self, out: Path) -> None:
-        """Whatever is published is complete: a COG or a store exists only whole."""
-        for stem in STEMS:
-            if (out / f"{stem}.tif").exists():
-                assert sha256(out / f"{stem}.tif") == self.cogs[stem], f"partial {stem}.tif"
-                with rasterio.open(out / f"{stem}.tif") as cog:
-                    assert np.array_equal(cog.read(1), self.labels[stem])
-            if (out / f"{stem}.zarr").exists():
-                got, want = tree(out / f"{stem}.zarr"), self.stores[stem]
-                assert got == want, f"partial {stem}.zarr: lacks {sorted(want.keys() - got.keys())}"
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ...]:
-    folder = tmp_path_factory.mktemp("scenes")
-    done = _cli("sample-scenes", str(folder), "--size", str(SIZE), "--count", "2", "--seed", "11")
-    assert done.returncode == 0, done.stderr
-    return tuple(folder / f"{stem}.tif" for stem in STEMS)
-
-
-@pytest.fixture(scope="module")
-def reference(scenes: tuple[Path, ...], tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    out = tmp_path_factory.mktemp("reference") / "out"
-    ref = Reference(out, scenes, {}, {}, {})
-    done = _cli(*ref.args(out, "--workers", "2"))
-    assert done.returncode == 0, done.stderr
-    for stem in STEMS:
-        ref.cogs[stem] = sha256(out / f"{stem}.tif")
-        ref.stores[stem] = tree(out / f"{stem}.zarr")
-        ref.labels[stem] = zarr.open_group(str(out / f"{stem}.zarr"), mode="r")["labels"][:]
-        assert ref.tiles_with_data(stem), "a reference scene without data proves nothing"
-    return ref
-
 
 # ----------------------------------------------------------------- 1. SIGKILL
 
@@ -310,7 +106,7 @@ def test_sigkill_leaves_nothing_half_published_and_rerun_resumes(
     reference.assert_nothing_incomplete(out)
 
     if point == "some-tiles":
-        status = _cli("status", str(out))
+        status = cli("status", str(out))
         assert status.returncode == 0, status.stderr
         line = next(s for s in status.stdout.splitlines() if s.startswith(STEMS[0]))
         assert "running" in line and f"{len(recorded[STEMS[0]])}/{TILES}" in line.replace(" ", "")
@@ -321,7 +117,7 @@ def test_sigkill_leaves_nothing_half_published_and_rerun_resumes(
     work_before = {stem: sorted(os.listdir(out / WORK / stem)) for stem in STEMS
                    if (out / WORK / stem).exists()}
 
-    done = _cli(*args)
+    done = cli(*args)
     assert done.returncode == 0, done.stderr
     scenes = manifest(out)
     for stem in STEMS:
@@ -378,7 +174,7 @@ def finished_rerun(reference: Reference, tmp_path_factory: pytest.TempPathFactor
     for name in LEFTOVERS:
         (out / name).write_bytes(b"II*\x00 half a COG")
     before = _published_mtimes(out)
-    done = _cli(*reference.args(out, "--workers", "2"))
+    done = cli(*reference.args(out, "--workers", "2"))
     return Rerun(out, done, before)
 
 
@@ -425,13 +221,13 @@ def test_changed_setting_is_refused_then_overwrite_recomputes(finished_rerun: Re
     out = finished_rerun.out
     args = ["run", *map(str, reference.scenes), "--out", str(out), "--tile-size", "128",
             "--workers", "2"]
-    refused = _cli(*args)
+    refused = cli(*args)
     assert refused.returncode == 2, refused.stderr
     assert all(stem in refused.stderr for stem in STEMS), refused.stderr
     assert "--overwrite" in refused.stderr
     assert _published_mtimes(out) == finished_rerun.before, "refused run touched the outputs"
 
-    done = _cli(*args, "--overwrite")
+    done = cli(*args, "--overwrite")
     assert done.returncode == 0, done.stderr
     scenes = manifest(out)
     for stem in STEMS:
@@ -472,7 +268,7 @@ def journal_windows(reference: Reference, tmp_path_factory: pytest.TempPathFacto
     zarr.open_group(str(out / WORK / STEMS[1] / "labels.zarr"), mode="w", zarr_format=3,
                     attributes=attrs[STEMS[1]])
     before = _published_mtimes(out, STEMS[:1])
-    done = _cli(*reference.args(out, "--workers", "2"))
+    done = cli(*reference.args(out, "--workers", "2"))
     return Rerun(out, done, before)
 
 
@@ -515,7 +311,7 @@ def test_second_run_on_a_locked_directory_exits_at_once_and_sigkill_frees_the_lo
     Teeth: fcntl.flock made a no-op in pipeline.journal: the second run exits 0.
     """
     # A scene of 100 tiles, so that the first run is still busy when it is killed.
-    made = _cli("sample-scenes", str(tmp_path), "--size", "640", "--count", "1", "--seed", "3")
+    made = cli("sample-scenes", str(tmp_path), "--size", "640", "--count", "1", "--seed", "3")
     assert made.returncode == 0, made.stderr
     big = (tmp_path / "scene-000.tif").rename(tmp_path / "big.tif")
     out = tmp_path / "out"
@@ -527,7 +323,7 @@ def test_second_run_on_a_locked_directory_exits_at_once_and_sigkill_frees_the_lo
     wait_for(lambda: (out / "run.json").is_file(), "the first run's manifest", watch=first)
 
     start = time.monotonic()
-    second = _cli("run", str(reference.scenes[0]), "--out", str(out), "--tile-size", str(TILE),
+    second = cli("run", str(reference.scenes[0]), "--out", str(out), "--tile-size", str(TILE),
                   "--workers", "1")
     elapsed = time.monotonic() - start
     assert second.returncode == 2, second.stderr
@@ -537,46 +333,13 @@ def test_second_run_on_a_locked_directory_exits_at_once_and_sigkill_frees_the_lo
 
     first.kill()
     assert first.popen.returncode == -signal.SIGKILL
-    third = _cli("run", str(reference.scenes[0]), "--out", str(out), "--tile-size", str(TILE),
+    third = cli("run", str(reference.scenes[0]), "--out", str(out), "--tile-size", str(TILE),
                  "--workers", "1")
     assert third.returncode == 0, third.stderr
     reference.assert_same(out, STEMS[0])
 
 
 # ----------------------------------------------------------------- 5. Dask workers
-
-
-@dataclass
-class Cluster:
-    address: str
-    scheduler: Proc
-    workers: list[Proc]
-
-
-def start_cluster(procs: Processes, folder: Path, *, nanny: bool,
-                  scheduler_env: dict[str, str] | None = None,
-                  worker_env: dict[str, str] | None = None) -> Cluster:
-    """A real ``dask scheduler`` and two single-thread ``dask worker`` processes."""
-    info = folder / "scheduler.json"
-    scheduler = procs.start(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-         "--port", "0", "--no-dashboard", "--scheduler-file", str(info)],
-        folder / "scheduler", env=scheduler_env)
-    wait_for(lambda: info.is_file() and "address" in info.read_text(), "the scheduler file",
-             watch=scheduler, interval=0.1)
-    address = json.loads(info.read_text())["address"]
-    workers = [
-        procs.start(
-            [sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", f"w{k}",
-             "--nthreads", "1", "--nworkers", "1", "--memory-limit", "0", "--no-dashboard",
-             "--nanny" if nanny else "--no-nanny"],
-            folder / f"worker{k}", env=worker_env)
-        for k in range(2)
-    ]
-    for worker in workers:
-        wait_for(lambda: "Registered to" in worker.stderr(), f"{worker.log.name} to register",
-                 watch=worker, interval=0.1)
-    return Cluster(address, scheduler, workers)
 
 
 def test_run_survives_losing_a_worker(reference: Reference, procs: Processes,
@@ -606,22 +369,8 @@ MARKER = 60000  # a uint16 value the poison spec normalises to ~958, far above T
 
 @pytest.fixture(scope="module")
 def poison_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.model import save_weights
-    from tests.crash_models import poisoned
-
-    folder = tmp_path_factory.mktemp("poison-spec")
-    torch.manual_seed(0)
-    digest = save_weights(poisoned(base=2, depth=2).eval(), folder / "poison.safetensors")
-    spec = {
-        "schema": 1, "name": "poisoned-unet", "architecture": "tests.crash_models:poisoned",
-        "arguments": {"base": 2, "depth": 2}, "weights": "poison.safetensors", "sha256": digest,
-        "bands": [1, 2, 3], "normalization": {"scale": 0.004, "mean": [0.5] * 3, "std": [0.25] * 3},
-        "nodata": {"input": "scene", "output": NODATA},
-        "classes": [{"name": f"c{k}", "color": [40 * k, 80, 120]} for k in range(4)],
-    }
-    path = folder / "poison.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return unet_spec(tmp_path_factory.mktemp("poison-spec"), "tests.crash_models:poisoned",
+                     "poisoned-unet")
 
 
 def _poisoned_scene(source: Path, target: Path) -> None:
@@ -654,7 +403,7 @@ def test_poisoned_tile_fails_its_scene_after_bounded_attempts(
         scheduler_env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(ALLOWED_FAILURES)},
         worker_env={"FCN_TEST_POISON_LOG": str(log)})
     out = tmp_path / "out"
-    done = _cli("run", str(reference.scenes[0]), str(poisoned), "--out", str(out),
+    done = cli("run", str(reference.scenes[0]), str(poisoned), "--out", str(out),
                 "--model", str(poison_spec), "--tile-size", str(TILE),
                 "--scheduler", cluster.address)
     assert done.returncode == 1, done.stderr
@@ -705,7 +454,7 @@ def test_bad_scenes_fail_alone_with_one_clear_line_each(reference: Reference,
     bad["no-crs.tif"] = tmp_path / "no-crs.tif"
     _no_crs_copy(reference.scenes[1], bad["no-crs.tif"])
     out = tmp_path / "out"
-    done = _cli("run", *map(str, bad.values()), *map(str, reference.scenes), "--out", str(out),
+    done = cli("run", *map(str, bad.values()), *map(str, reference.scenes), "--out", str(out),
                 "--tile-size", str(TILE), "--workers", "2")
     assert done.returncode == 1, done.stderr
     scenes = manifest(out)
@@ -756,7 +505,7 @@ def odd_run(reference: Reference, tmp_path_factory: pytest.TempPathFactory) -> O
     odd = [f"../in/{name}" for name in ODD_NAMES]  # relative, through ".."
     before = {p for p in base.rglob("*")}
     out = base / "out"
-    done = _cli("run", *map(str, shared), *odd, "--out", str(out), "--model",
+    done = cli("run", *map(str, shared), *odd, "--out", str(out), "--model",
                 str(base / "one-band.yaml"), "--tile-size", "256", "--workers", "2",
                 "--allow-no-crs", cwd=base / "cwd")
     return base, out, done, before

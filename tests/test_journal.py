@@ -1,0 +1,282 @@
+"""The journal defends itself, reruns match what users expect, old outputs are replaced,
+not deleted, and publication is idempotent.
+
+End to end through the CLI on the session's reference scenes (tests.support), plus
+in-process tests of :func:`pipeline.publication.publish` cut short at each step. How
+each test was checked to have teeth is said in a ``Teeth:`` line in its docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from pipeline.journal import SceneRecord, locked
+from pipeline.publication import PublishTarget, publish
+from tests.support import (
+    STEMS,
+    TILE,
+    WORK,
+    Processes,
+    Reference,
+    cli,
+    manifest,
+    markers,
+    other_lines,
+    sha256,
+    tree,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _interrupted_run(reference: Reference, procs: Processes, out: Path, log: Path,
+                     records: int = 6) -> set[tuple[int, int]]:
+    """Start the reference run into ``out``, SIGTERM it after ``records`` tile records of
+    scene-000; return those records."""
+    run = procs.cli(reference.args(out, "--workers", "1"), log)
+    wait_for(lambda: len(markers(out, STEMS[0])) >= records, f"{records} tile records",
+             watch=run)
+    os.kill(run.pid, signal.SIGTERM)
+    run.popen.wait(timeout=60)
+    assert run.popen.returncode == 143, run.stderr()
+    return markers(out, STEMS[0])
+
+
+def _chunk(out: Path, stem: str, index: tuple[int, int]) -> Path:
+    return out / WORK / stem / "labels.zarr" / "labels" / "c" / str(index[0]) / str(index[1])
+
+
+def test_damaged_work_is_computed_again_and_the_result_is_exact(
+        reference: Reference, procs: Processes, tmp_path: Path) -> None:
+    """Guarantee 6: between two runs, one recorded chunk deleted, one corrupted (same size),
+    one tile record emptied: the rerun recomputes exactly those tiles and the unrecorded
+    ones, and publishes outputs byte-identical to an uninterrupted run.
+
+    Teeth: verified_tiles() trusting every record (return set(tile_records()), []): the
+    rerun publishes the deleted chunk as nodata and the corrupt one as garbage, and
+    assert_same fails; record_tile without checksums fails the same way.
+    """
+    out = tmp_path / "out"
+    recorded = _interrupted_run(reference, procs, out, tmp_path / "first")
+    with_data = reference.tiles_with_data(STEMS[0])
+    damaged = sorted(recorded & with_data)[:3]
+    assert len(damaged) == 3, (recorded, with_data)
+    _chunk(out, STEMS[0], damaged[0]).unlink()
+    chunk = _chunk(out, STEMS[0], damaged[1])
+    chunk.write_bytes(bytes(b ^ 0xFF for b in chunk.read_bytes()))
+    (out / WORK / STEMS[0] / "tiles" / f"{damaged[2][0]}-{damaged[2][1]}").write_text("")
+
+    done = cli(*reference.args(out, "--workers", "1"))
+    assert done.returncode == 0, done.stderr
+    scene = manifest(out)[STEMS[0]]
+    assert scene["action"] == "resume"
+    assert scene["inferred"] == len(with_data - recorded) + len(damaged)
+    for stem in STEMS:
+        reference.assert_same(out, stem)
+
+
+def test_an_unreadable_fingerprint_starts_the_scene_afresh(
+        reference: Reference, procs: Processes, tmp_path: Path) -> None:
+    """Guarantee 6: an empty fingerprint.json is treated as missing (the scene starts from
+    nothing), not a failure of every rerun; --overwrite always starts from nothing.
+
+    Teeth: work_fingerprint() raising on a file that does not parse (json.loads of "")
+    makes the rerun fail with a traceback.
+    """
+    out = tmp_path / "out"
+    _interrupted_run(reference, procs, out, tmp_path / "first")
+    (out / WORK / STEMS[0] / "fingerprint.json").write_text("")
+    done = cli(*reference.args(out, "--workers", "1"))
+    assert done.returncode == 0, done.stderr
+    scenes = manifest(out)
+    assert scenes[STEMS[0]]["action"] == "start"
+    assert scenes[STEMS[0]]["inferred"] == len(reference.tiles_with_data(STEMS[0]))
+    reference.assert_same(out, STEMS[0])
+
+    again = cli(*reference.args(out, "--workers", "1", "--overwrite"))
+    assert again.returncode == 0, again.stderr
+    scenes = manifest(out)
+    for stem in STEMS:
+        assert scenes[stem]["action"] == "start" and not scenes[stem]["skipped"]
+        assert scenes[stem]["inferred"] == len(reference.tiles_with_data(stem))
+        reference.assert_same(out, stem)
+
+
+def test_verify_names_every_damaged_published_file(reference: Reference,
+                                                   tmp_path: Path) -> None:
+    """Guarantee 6: the manifest records each published file's checksum; verify checks
+    them: exit 0 on intact outputs, exit 1 naming each damaged, missing or foreign file.
+
+    Teeth: verify_outputs comparing only that files exist: the flipped COG byte and the
+    corrupted chunk pass and this fails.
+    """
+    out = tmp_path / "out"
+    shutil.copytree(reference.out, out)
+    intact = cli("verify", str(out))
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    assert intact.stdout.count("ok ") == 2 * len(STEMS)
+
+    cog = out / f"{STEMS[0]}.tif"
+    data = bytearray(cog.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    cog.write_bytes(bytes(data))
+    store = out / f"{STEMS[1]}.zarr"
+    chunk = next(p for p in sorted((store / "labels" / "c").rglob("*")) if p.is_file())
+    chunk.write_bytes(chunk.read_bytes() + b"\0")
+    (store / "labels" / "zarr.json").unlink()
+    (store / "stray").write_text("not ours")
+
+    damaged = cli("verify", str(out))
+    assert damaged.returncode == 1, damaged.stdout
+    bad = {line.split()[1].rstrip(":") for line in damaged.stdout.splitlines()
+           if line.startswith("DAMAGED")}
+    assert bad == {str(cog), str(chunk), str(store / "labels" / "zarr.json"),
+                   str(store / "stray")}, damaged.stdout
+    assert "4 damaged output file(s)" in damaged.stderr
+
+
+def test_identical_scenes_with_new_times_are_the_same_input(reference: Reference,
+                                                           tmp_path: Path) -> None:
+    """Guarantee 7: scenes generated again (same bytes, new modification time, new inode)
+    are the same input: the rerun skips them, keeps the figures of the run that made the
+    outputs, appends to the run history; a dry run says so and exits 0.
+
+    Teeth: mtime_ns back in the fingerprint (or the digest cache keyed by path only
+    while the fingerprint uses identity) makes the rerun refuse the folder (exit 2).
+    """
+    out = tmp_path / "out"
+    shutil.copytree(reference.out, out)
+    for scene in reference.scenes:  # replaced by identical copies, as `make demo` does
+        copy = scene.with_name(scene.name + ".new")
+        shutil.copyfile(scene, copy)
+        os.replace(copy, scene)
+    dry = cli(*reference.args(out, "--dry-run"))
+    assert dry.returncode == 0, dry.stderr
+    assert all(f"{stem}: skip" in dry.stdout for stem in STEMS), dry.stdout
+    done = cli(*reference.args(out))
+    assert done.returncode == 0, done.stderr
+    scenes, made = manifest(out), manifest(reference.out)
+    for stem in STEMS:
+        assert scenes[stem]["skipped"] and scenes[stem]["inferred"] == made[stem]["inferred"]
+        reference.assert_same(out, stem)
+    history = json.loads((out / "run.json").read_text())["history"]
+    assert len(history) == 2 and history[-1]["scenes"] == {"skipped": 2}
+
+
+def test_overwrite_keeps_the_old_outputs_until_the_new_ones_are_published(
+        reference: Reference, procs: Processes, tmp_path: Path) -> None:
+    """Guarantee 8: --overwrite (here with another tile size) killed before publishing
+    leaves the old outputs untouched; run again, it replaces them.
+
+    Teeth: _prepare deleting the published outputs when it starts a scene (as the old
+    discard_published did): the kill leaves no scene-000.tif and this fails.
+    """
+    out = tmp_path / "out"
+    shutil.copytree(reference.out, out)
+    before = {stem: (sha256(out / f"{stem}.tif"), tree(out / f"{stem}.zarr")) for stem in STEMS}
+    args = ["run", *map(str, reference.scenes), "--out", str(out), "--tile-size", str(2 * TILE),
+            "--workers", "1", "--overwrite"]
+    run = procs.cli(args, tmp_path / "overwrite")
+    wait_for(lambda: len(markers(out, STEMS[0])) >= 1, "a tile record", watch=run)
+    run.kill()
+    for stem in STEMS:
+        assert (sha256(out / f"{stem}.tif"), tree(out / f"{stem}.zarr")) == before[stem]
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    for stem in STEMS:
+        meta = json.loads((out / f"{stem}.zarr" / "labels" / "zarr.json").read_text())
+        assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [2 * TILE, 2 * TILE]
+        with rasterio.open(out / f"{stem}.tif") as cog:
+            assert np.array_equal(cog.read(1), reference.labels[stem])
+    assert not list((out / WORK / ".trash").glob("*")) if (out / WORK / ".trash").exists() \
+        else True
+
+
+def test_a_scene_replaced_during_the_run_fails_alone(reference: Reference, procs: Processes,
+                                                    tmp_path: Path) -> None:
+    """Guarantee 8: a scene file replaced while the run reads it fails with one line; the
+    other scene is published; nothing is published for the changed one.
+
+    Teeth: tasks._check_unchanged a no-op: the run stitches a map from both files and
+    exits 0.
+    """
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    for scene in reference.scenes:
+        shutil.copy(scene, scenes / scene.name)
+    first, second = (scenes / s.name for s in reference.scenes)
+    out = tmp_path / "out"
+    run = procs.cli(["run", str(first), str(second), "--out", str(out), "--tile-size",
+                     str(TILE), "--workers", "1"], tmp_path / "run")
+    wait_for(lambda: len(markers(out, STEMS[0])) >= 2, "2 tile records", watch=run)
+    replacement = scenes / "replacement.tif"
+    shutil.copy(second, replacement)  # other content, same size: only identity tells
+    os.replace(replacement, first)
+    run.popen.wait(timeout=300)
+    assert run.popen.returncode == 1, run.stderr()
+    lines = other_lines(run.stderr())
+    assert len(lines) == 1 and lines[0].startswith(f"error: {first.name}: "), lines
+    assert "modified or replaced during the run" in lines[0]
+    scenes_done = manifest(out)
+    assert scenes_done[STEMS[0]]["status"] == "failed"
+    assert not (out / f"{STEMS[0]}.tif").exists() and not (out / f"{STEMS[0]}.zarr").exists()
+    assert scenes_done[STEMS[1]]["status"] == "done"
+
+
+# ------------------------------------------------------- publication cut short, in process
+
+
+@pytest.mark.parametrize("cut", ["none", "after-cog", "after-store", "after-cog-move"])
+def test_publication_finishes_from_any_point(cut: str, reference: Reference,
+                                             tmp_path: Path) -> None:
+    """Guarantee 8: publish() run again after being cut short at any step (as Dask reruns
+    it when its worker dies, or a rerun does after a kill) finishes cleanly with the same
+    outputs and a consistent published record.
+
+    The work folder is rebuilt from the reference's published outputs: the store moved
+    back into the work folder, and publishing.json as the first step writes it.
+
+    Teeth: publish() without its "store already in place" branch fails "after-store"
+    with "labels.zarr does not exist" (the intermittent failure of the poisoned-tile
+    test); without the cog_matches() branch "after-cog-move" fails.
+    """
+    out = tmp_path / "out"
+    shutil.copytree(reference.out, out)
+    stem = STEMS[0]
+    record = SceneRecord(out, stem)
+    published = record.published_record()
+    assert published is not None
+    digest = published.fingerprint
+    # Rewind: the work folder as a finished tile phase leaves it.
+    record.tiles.mkdir(parents=True)
+    (record.work / "fingerprint.json").write_text(json.dumps({"fingerprint": digest}))
+    shutil.move(str(record.published_store), record.store)
+    shutil.copy(out / f"{stem}.tif", tmp_path / "old.tif")
+    os.unlink(record.published_record_path)
+    target = PublishTarget(str(out), stem, "run-x", digest, str(reference.scenes[0]), False)
+    with locked(out, "run-x"):
+        if cut != "none":
+            from pipeline.publication import _make
+
+            state = _make(target)
+            assert state["fingerprint"] == digest
+            if cut in ("after-store", "after-cog-move"):
+                os.replace(record.store, record.published_store)
+            if cut == "after-cog-move":
+                os.replace(record.cog, record.published_cog)
+        result = publish(target)
+    assert result.fingerprint == digest
+    assert not record.work.exists()
+    assert tree(out / f"{stem}.zarr") == reference.stores[stem]
+    with rasterio.open(out / f"{stem}.tif") as cog:
+        assert np.array_equal(cog.read(1), reference.labels[stem])
+    assert record.published_as(digest) is not None
