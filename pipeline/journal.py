@@ -317,7 +317,10 @@ def clean_leftovers(out_dir: Path) -> list[Path]:
     trash = out_dir / WORK / TRASH
     if trash.is_dir():
         for path in trash.iterdir():
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:  # a file, or a link (never followed: its target is not ours)
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
@@ -610,10 +613,6 @@ def move_aside(path: Path, out_dir: Path) -> None:
     trash = out_dir / WORK / TRASH
     trash.mkdir(parents=True, exist_ok=True)
     os.replace(path, trash / f"{path.name}.{uuid.uuid4().hex[:12]}")
-
-
-def empty_trash(out_dir: Path) -> None:
-    shutil.rmtree(out_dir / WORK / TRASH, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- manifest

@@ -152,5 +152,8 @@ def publish(target: PublishTarget) -> PublishedRecord:
     shutil.rmtree(record.work, ignore_errors=True)
     trash = record.out_dir / WORK / TRASH
     for old in trash.glob(f"{record.published_store.name}.*") if trash.is_dir() else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():  # a link the user had put there: removed, never followed
+            old.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     return published

@@ -504,7 +504,9 @@ def _prepare(scene: _Scene, model: _Model, config: RunConfig, out_dir: Path,
              say: Callable[[str], None]) -> frozenset[tuple[int, int]]:
     """Make the scene's work ready for its action; the tiles already written (to skip)."""
     record = SceneRecord(out_dir, scene.plan.outputs.stem)
-    if scene.action in (RESUME, PUBLISH):
+    if scene.action == PUBLISH:  # the publication checks (or has checked) the chunks
+        return frozenset()
+    if scene.action == RESUME:
         record.drop_partial_chunks()
         good, damaged = record.verified_tiles()
         for line in damaged:
