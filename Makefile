@@ -10,6 +10,9 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
+# Editable installs as a plain .pth entry: the package is the working tree, and setuptools
+# has no import hook to warn about.
+EDITABLE := --config-settings editable_mode=compat
 
 .PHONY: install install-test demo test check bench clean
 
@@ -19,11 +22,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet $(EDITABLE) -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[test]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -304,7 +304,7 @@ def validate(workflow: str, date: str | None) -> None:
     try:
         config = validate_workflow(workflow, date=date)
         check_named_files(config)
-    except ConfigError as exc:
+    except PipelineError as exc:
         _fail_usage(exc)
     click.echo(yaml.safe_dump(config.to_tree(), sort_keys=False), nl=False)
 

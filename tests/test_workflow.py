@@ -181,3 +181,33 @@ def test_precedence_file_then_environment_then_command_line(tmp_path: Path) -> N
     assert config.output == "out/2024-06-30"  # None on the command line leaves it alone
     assert resolve(file_values).tile_size == 512
     assert resolve(file_values, env).tile_size == 256
+
+
+def test_validate_checks_the_files_a_workflow_names(tmp_path: Path) -> None:
+    """`fcn-pipeline validate` also checks that scenes exist (patterns match), the model
+    spec can be read and the output folder is writable: exit 2, one line each.
+
+    Teeth: check_named_files() not called by the validate command: every case exits 0.
+    """
+    from tests.conftest import run_cli
+
+    scene = tmp_path / "scene.tif"
+    scene.write_bytes(b"")  # exists: validate does not read rasters
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = {
+        "pattern matched no file": f"scenes: {tmp_path}/none/*.tif\noutput: {tmp_path}/o\n",
+        "does not exist": f"scenes: [{tmp_path}/missing.tif]\noutput: {tmp_path}/o\n",
+        "cannot read the model spec": f"scenes: [{scene}]\noutput: {tmp_path}/o\n"
+                                      f"model: {tmp_path}/missing.yaml\n",
+        f"{blocker} is a file": f"scenes: [{scene}]\noutput: {blocker}/out\n",
+    }
+    for words, body in cases.items():
+        done = run_cli("validate", str(write(tmp_path, "schema: 1\n" + body)))
+        assert done.returncode == 2, (words, done.stdout, done.stderr)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and words in lines[0], (words, lines)
+    good = run_cli("validate", str(write(tmp_path, f"schema: 1\nscenes: [{scene}]\n"
+                                                    f"output: {tmp_path}/o\n")))
+    assert good.returncode == 0, good.stderr
+    assert not (tmp_path / "o").exists()
