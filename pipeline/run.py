@@ -27,24 +27,24 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from distributed import as_completed
 
 from pipeline._version import __version__
-from pipeline.analysis import receptive_field
-from pipeline.cluster import ClusterSpec, connect, default_workers
+from pipeline.actions import (
+    PUBLISH,
+    REFUSE,
+    RESUME,
+    SKIP,
+    action_line,
+    decide,
+    fingerprint_values,
+)
+from pipeline.cluster import ClusterSpec, connect
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, ModelError, OutputError
+from pipeline.errors import ConfigError, OutputError
 from pipeline.graph import SceneFutures, SceneJob, stop_tasks, submit_scene
 from pipeline.grid import TileGrid
-from pipeline.inference import (
-    activation_bytes,
-    input_channels,
-    output_shape,
-    weight_bytes,
-    window_speeds,
-)
 from pipeline.journal import (
     FINGERPRINT_ATTR,
     WORK,
@@ -52,35 +52,27 @@ from pipeline.journal import (
     SceneRecord,
     clean_leftovers,
     fingerprint,
-    load_window_speeds,
     locked,
     previous_history,
     save_window_speeds,
     write_json,
     write_manifest,
 )
-from pipeline.model import build_model
-from pipeline.modelspec import ModelSpec, fill_values
-from pipeline.plan import (
-    TILE_CANDIDATES,
-    MemoryEstimate,
-    ScenePlan,
-    TileChoice,
-    choose_tile_size,
-    describe,
-)
+from pipeline.plan import MemoryEstimate, ScenePlan, TileChoice, describe
 from pipeline.preflight import Preflight, SceneCheck, preflight, save_digests
-from pipeline.receptive import ReceptiveField, align_up
-from pipeline.scene import SceneInfo
 from pipeline.signals import Interrupted, deferred
 from pipeline.tasks import ModelRef
+from pipeline.tiling import (
+    AnalysedModel,
+    Tiling,
+    analyse_model,
+    check_output_shape,
+    choose_tiles,
+    task_memory,
+)
 from pipeline.writers import LabelStoreSpec, create_label_store, create_overview_store
 
 _VERSIONED = ("torch", "numpy", "dask", "distributed", "rasterio", "zarr")
-
-#: What a run does with a scene, decided from fingerprints before anything is written.
-SKIP, RESUME, PUBLISH, START = "skip", "resume", "publish", "start"
-
 
 @dataclass
 class SceneResult:
@@ -157,125 +149,6 @@ def _resolve_device(device: str, remote: bool) -> str:
     return device
 
 
-@dataclass(frozen=True)
-class _Model:
-    spec: ModelSpec
-    sha256: str
-    field: ReceptiveField
-    module: torch.nn.Module
-
-
-def _load_model(spec: ModelSpec, sha256: str) -> _Model:
-    module = build_model(spec)
-    channels = input_channels(module, len(spec.bands))
-    if channels is not None and channels != len(spec.bands):
-        raise ModelError(
-            f"{spec.source}: the model takes {channels} input channels but bands lists "
-            f"{len(spec.bands)} ({list(spec.bands)}); list {channels} scene bands in bands")
-    return _Model(spec, sha256, receptive_field(module), module)
-
-
-def _check_output_shape(info: SceneInfo, model: _Model) -> None:
-    shape = output_shape(model.module, (len(model.spec.bands), *info.shape))
-    if tuple(shape[1:]) != info.shape:
-        raise ModelError(
-            f"{model.spec.source}: the model gives a {shape[2]}x{shape[1]} (width x height) "
-            f"output for the {info.shape[1]}x{info.shape[0]} scene {Path(info.path).name}; label "
-            "maps need an output at the scene's resolution (upsample in the model)"
-        )
-
-
-def _memory(model: _Model, window: tuple[int, int], batch_size: int) -> MemoryEstimate:
-    """Peak bytes of one inference task on windows of ``window`` pixels."""
-    channels = len(model.spec.bands)
-    rows, cols = window
-    classes = len(model.spec.classes)
-    # Per pixel: raw values (up to 8 bytes a band), the float32 model input, the
-    # logits and their crop, the labels and the masks.
-    per_pixel = channels * (8 + 4) + classes * 4 * 2 + 8 + 2
-    return MemoryEstimate(
-        window_input=batch_size * rows * cols * per_pixel,
-        activations=activation_bytes(model.module, (channels, rows, cols), batch_size),
-        weights=weight_bytes(model.module),
-    )
-
-
-#: Default cap of one CPU task's memory: beyond tiles of a few thousand pixels the halo
-#: overhead hardly falls, while memory keeps growing with the tile's area.
-CPU_TASK_BUDGET = 512 * 2**20
-
-
-def _default_budget(config: RunConfig, device: str) -> int:
-    """A safe share of a worker's memory: 60 % of the GPU; on CPUs 60 % of the RAM
-    split between workers, at most :data:`CPU_TASK_BUDGET`."""
-    if config.memory_budget:
-        return config.memory_budget
-    if device == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(0).total_memory * 0.6)
-    workers = config.workers or default_workers(config.threads_per_worker, gpu=False)
-    return min(CPU_TASK_BUDGET, int(psutil.virtual_memory().total * 0.6 / workers))
-
-
-@dataclass(frozen=True)
-class _Tiling:
-    """The tile choice and, where they were measured now, the window speeds behind it."""
-
-    choice: TileChoice
-    speeds_key: str | None = None
-    measured: dict[tuple[int, int], float] | None = None
-
-
-def _speed_lookup(speeds: dict[tuple[int, int], float]) -> Callable[[tuple[int, int]], float]:
-    """Speed of a window: as measured, else that of the largest measured window not
-    bigger (beyond the measured sizes the last speed is assumed to hold)."""
-    ordered = sorted(speeds, key=lambda s: s[0] * s[1])
-
-    def speed(window: tuple[int, int]) -> float:
-        if window in speeds:
-            return speeds[window]
-        smaller = [s for s in ordered if s[0] * s[1] <= window[0] * window[1]]
-        return speeds[smaller[-1] if smaller else ordered[0]]
-
-    return speed
-
-
-def _choose_tiles(infos: list[SceneInfo], config: RunConfig, model: _Model,
-                  device: str, out_dir: Path) -> _Tiling:
-    if config.tile_size is not None:
-        return _Tiling(TileChoice(config.tile_size, "as given"))
-    workers = config.workers or default_workers(config.threads_per_worker, device == "cuda")
-    field = model.field
-    halo = field.halo()
-    budget = _default_budget(config, device)
-
-    def window(tile: int) -> tuple[int, int]:
-        return (align_up(tile + halo.before[0] + halo.after[0], field.align[0]),
-                align_up(tile + halo.before[1] + halo.after[1], field.align[1]))
-
-    def memory_of(tile: int) -> int:
-        return _memory(model, window(tile), config.batch_size).total
-
-    shapes = [i.shape for i in infos]
-    if device != "cpu" or not shapes:
-        # GPUs run bigger windows no slower per pixel; the client may not even have one.
-        return _Tiling(choose_tile_size(shapes, field, workers, memory_of, budget))
-    key = fingerprint({"model_sha256": model.sha256, "device": device,
-                       "threads_per_worker": config.threads_per_worker})
-    speeds = load_window_speeds(out_dir, key)
-    measured = None
-    if speeds is None:
-        largest = max(max(s) for s in shapes)
-        windows = [window(t) for t in TILE_CANDIDATES
-                   if t <= align_up(largest, max(field.align)) and memory_of(t) <= budget]
-        speeds = measured = window_speeds(model.module, len(model.spec.bands),
-                                          windows or [window(TILE_CANDIDATES[0])],
-                                          config.threads_per_worker)
-    lookup = _speed_lookup(speeds)
-    choice = choose_tile_size(shapes, field, workers, memory_of, budget,
-                              speed_of=lambda tile: lookup(window(tile)))
-    return _Tiling(choice, key, measured)
-
-
 def _versions() -> dict[str, str]:
     versions = {"fcn-pipeline": __version__, "python": platform.python_version()}
     for name in _VERSIONED:
@@ -293,49 +166,6 @@ def one_line(exc: BaseException) -> str:
     if type(exc).__module__.startswith("pipeline."):
         return first or type(exc).__name__
     return f"{type(exc).__name__}: {first}".strip()
-
-
-def _spec_values(spec: ModelSpec) -> dict[str, Any]:
-    """What of the spec decides the outputs besides the weights."""
-    return {
-        "bands": list(spec.bands), "normalization": asdict(spec.normalization),
-        "nodata": [spec.nodata_input, spec.nodata_output],
-        "fill": [float(v) for v in fill_values(spec)],
-        "classes": [[c.name, list(c.color)] for c in spec.classes],
-    }
-
-
-def _fingerprint_values(plan: ScenePlan, check: SceneCheck, model: _Model, config: RunConfig,
-                        device: str) -> dict[str, Any]:
-    """What decides a scene's outputs: the scene's content (not its path or modification
-    time: a copied or regenerated identical scene is the same input), model, settings."""
-    return {
-        "scene_sha256": check.digest, "shape": list(plan.info.shape),
-        "model_sha256": model.sha256, "model_name": model.spec.name,
-        "spec": _spec_values(model.spec), "tile_shape": list(plan.grid.tile_shape),
-        "halo": asdict(plan.grid.halo), "probabilities": config.probabilities, "device": device,
-        "precision": config.precision,
-    }
-
-
-def _decide(record: SceneRecord, digest: str, overwrite: bool) -> str | None:
-    """The action for one scene (None: refused, its outputs were made otherwise)."""
-    if overwrite:
-        return START
-    if record.published_as(digest) is not None:
-        return SKIP
-    published = record.published_record()
-    started = record.work_fingerprint()
-    if (published is not None and published.fingerprint != digest
-            and os.path.lexists(record.published_store)) \
-            or (started is not None and started != digest):
-        return None
-    if started == digest:
-        if record.publishing_state() is not None:
-            return PUBLISH
-        if record.store_complete():
-            return RESUME
-    return START
 
 
 @dataclass(frozen=True)
@@ -375,7 +205,7 @@ def _checksums(cog: Any, zarr: Any) -> dict[str, dict[str, Any]]:
             "zarr": {"sha256": zarr.get("sha256"), "files": len(zarr.get("files") or {})}}
 
 
-def _plan_scenes(checked: Preflight, results: list[SceneResult], model: _Model,
+def _plan_scenes(checked: Preflight, results: list[SceneResult], model: AnalysedModel,
                  config: RunConfig, device: str,
                  choice: TileChoice) -> tuple[list[_Scene], str | None]:
     """The scenes to work on, and the refusal of the run when some outputs in the output
@@ -386,15 +216,16 @@ def _plan_scenes(checked: Preflight, results: list[SceneResult], model: _Model,
             continue
         grid = TileGrid.build(check.info.shape, check.info.shape, model.field, choice.size)
         plan = ScenePlan(check.info, grid, check.outputs)
-        values = _fingerprint_values(plan, check, model, config, device)
+        values = fingerprint_values(plan, check.digest, model.spec, model.sha256, config,
+                                    device)
         digest = fingerprint(values)
-        action = _decide(SceneRecord(checked.out_dir, check.outputs.stem), digest,
+        action = decide(SceneRecord(checked.out_dir, check.outputs.stem), digest,
                          config.overwrite)
         results[k].shape, results[k].tiles = check.info.shape, len(grid)
         results[k].fingerprint = digest
         if action is None:
             conflicts.append(check.outputs.stem)
-            results[k].action = "refuse"
+            results[k].action = REFUSE
             continue
         results[k].action = action
         scenes.append(_Scene(k, check, plan, digest, values, action))
@@ -439,47 +270,34 @@ def run(config: RunConfig, *, dry_run: bool = False,
                for c in checked.scenes]
     if not checked.runnable:
         return RunReport(results, None, "no scene can run", plan={"scenes": []})
-    model = _load_model(checked.spec, checked.weights_sha256)
+    model = analyse_model(checked.spec, checked.weights_sha256)
     remote = bool(config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"))
     device = _resolve_device(config.device, remote)
     for check in checked.runnable:
         assert check.info is not None
-        _check_output_shape(check.info, model)
+        check_output_shape(check.info, model)
     infos = [c.info for c in checked.runnable if c.info is not None]
-    tiling = _choose_tiles(infos, config, model, device, out_dir)
+    tiling = choose_tiles(infos, config, model, device, out_dir)
     scenes, refusal = _plan_scenes(checked, results, model, config, device, tiling.choice)
     if refusal and not dry_run:
         raise ConfigError(refusal)
     plans = [s.plan for s in scenes]
     window = max((p.grid.max_window_shape for p in plans),
                  key=lambda s: s[0] * s[1], default=(tiling.choice.size, tiling.choice.size))
-    memory = _memory(model, window, config.batch_size)
+    memory = task_memory(model, window, config.batch_size)
     plan_text = describe(plans, model.field, memory, config.batch_size, tiling.choice)
-    plan_text += "\n" + "\n".join(_action_line(r) for r in results)
+    plan_text += "\n" + "\n".join(action_line(r.stem, r.action, r.error) for r in results)
     plan_data = _plan_data(scenes, results, model, memory, tiling.choice)
     if dry_run:
         plan_data["refusal"] = refusal
         return RunReport(results, None, plan_text, plan=plan_data, refusal=refusal)
     for result in results:
-        say(_action_line(result))
+        say(action_line(result.stem, result.action, result.error))
     return _execute(config, checked, scenes, results, model, device, tiling, plan_text,
                     plan_data, started, on_progress, on_dashboard, say)
 
 
-def _action_line(result: SceneResult) -> str:
-    """What the run does with one scene, in words (dry run and ``--verbose``)."""
-    words = {SKIP: "skip: published with the same input, model and settings",
-             RESUME: "resume: tiles recorded by an earlier run are kept",
-             PUBLISH: "publish: every tile was written by an earlier run",
-             START: "start",
-             "refuse": "refused: its outputs were made with another input, model or settings "
-                       "(--overwrite replaces them)"}
-    if result.action is None:
-        return f"{result.stem}: fails: {result.error}"
-    return f"{result.stem}: {words[result.action]}"
-
-
-def _plan_data(scenes: list[_Scene], results: list[SceneResult], model: _Model,
+def _plan_data(scenes: list[_Scene], results: list[SceneResult], model: AnalysedModel,
                memory: MemoryEstimate, choice: TileChoice) -> dict[str, Any]:
     halo = model.field.halo()
     return {
@@ -500,7 +318,7 @@ def _plan_data(scenes: list[_Scene], results: list[SceneResult], model: _Model,
     }
 
 
-def _prepare(scene: _Scene, model: _Model, config: RunConfig, out_dir: Path,
+def _prepare(scene: _Scene, model: AnalysedModel, config: RunConfig, out_dir: Path,
              say: Callable[[str], None]) -> frozenset[tuple[int, int]]:
     """Make the scene's work ready for its action; the tiles already written (to skip)."""
     record = SceneRecord(out_dir, scene.plan.outputs.stem)
@@ -524,7 +342,7 @@ def _prepare(scene: _Scene, model: _Model, config: RunConfig, out_dir: Path,
 
 
 def _execute(config: RunConfig, checked: Preflight, scenes: list[_Scene],
-             results: list[SceneResult], model: _Model, device: str, tiling: _Tiling,
+             results: list[SceneResult], model: AnalysedModel, device: str, tiling: Tiling,
              plan_text: str, plan_data: dict[str, Any], started: float,
              on_progress: Callable[[Progress], None] | None,
              on_dashboard: Callable[[str], None] | None,
@@ -588,8 +406,8 @@ def _signal_name(signum: int | None) -> str:
 
 
 def _work(config: RunConfig, checked: Preflight, scenes: list[_Scene],
-          results: list[SceneResult], model: _Model, device: str, tiling: _Tiling, run_id: str,
-          state: dict[str, Any], save: Callable[[], None],
+          results: list[SceneResult], model: AnalysedModel, device: str, tiling: Tiling,
+          run_id: str, state: dict[str, Any], save: Callable[[], None],
           on_progress: Callable[[Progress], None] | None,
           on_dashboard: Callable[[str], None] | None, say: Callable[[str], None]) -> None:
     out_dir = checked.out_dir
@@ -651,7 +469,7 @@ def _work(config: RunConfig, checked: Preflight, scenes: list[_Scene],
             raise
 
 
-def _manifest(config: RunConfig, model: _Model, device: str, started: float,
+def _manifest(config: RunConfig, model: AnalysedModel, device: str, started: float,
               results: list[SceneResult], run_id: str, history: list[dict[str, Any]],
               state: dict[str, Any]) -> dict[str, Any]:
     counts: dict[str, int] = {}
@@ -678,7 +496,8 @@ def _manifest(config: RunConfig, model: _Model, device: str, started: float,
     }
 
 
-def _store_spec(plan: ScenePlan, model: _Model, config: RunConfig, digest: str) -> LabelStoreSpec:
+def _store_spec(plan: ScenePlan, model: AnalysedModel, config: RunConfig,
+                digest: str) -> LabelStoreSpec:
     info = plan.info
     return LabelStoreSpec(
         shape=info.shape,

@@ -1,0 +1,167 @@
+"""The tile size of a run, and what it rests on: the analysed model, the memory one task
+needs, and the model's measured speed per window.
+
+:func:`analyse_model` builds the network of a spec, checks that its first convolution
+takes as many channels as the spec lists bands, and derives its receptive field.
+:func:`choose_tiles` picks the tile size: as given, or automatically
+(:func:`pipeline.plan.choose_tile_size`) among the sizes whose task fits the memory
+budget, from window speeds measured once per output folder on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from pipeline.analysis import receptive_field
+from pipeline.cluster import default_workers
+from pipeline.config import RunConfig
+from pipeline.errors import ModelError
+from pipeline.inference import (
+    activation_bytes,
+    input_channels,
+    output_shape,
+    weight_bytes,
+    window_speeds,
+)
+from pipeline.journal import fingerprint, load_window_speeds
+from pipeline.model import build_model
+from pipeline.modelspec import ModelSpec
+from pipeline.plan import TILE_CANDIDATES, MemoryEstimate, TileChoice, choose_tile_size
+from pipeline.receptive import ReceptiveField, align_up
+from pipeline.scene import SceneInfo
+
+
+@dataclass(frozen=True)
+class AnalysedModel:
+    """A spec's network, built and analysed: what planning a run needs of the model."""
+
+    spec: ModelSpec
+    sha256: str
+    field: ReceptiveField
+    module: torch.nn.Module
+
+
+def analyse_model(spec: ModelSpec, sha256: str) -> AnalysedModel:
+    """Build ``spec``'s network (weights ``sha256``) and derive its receptive field.
+
+    Raises:
+        ModelError: the network's first convolution takes another number of channels
+            than the spec lists bands, or it cannot be built.
+        ModelAnalysisError: its receptive field cannot be derived.
+    """
+    module = build_model(spec)
+    channels = input_channels(module, len(spec.bands))
+    if channels is not None and channels != len(spec.bands):
+        raise ModelError(
+            f"{spec.source}: the model takes {channels} input channels but bands lists "
+            f"{len(spec.bands)} ({list(spec.bands)}); list {channels} scene bands in bands")
+    return AnalysedModel(spec, sha256, receptive_field(module), module)
+
+
+def check_output_shape(info: SceneInfo, model: AnalysedModel) -> None:
+    """Raise :class:`ModelError` unless the model's output has the scene's size."""
+    shape = output_shape(model.module, (len(model.spec.bands), *info.shape))
+    if tuple(shape[1:]) != info.shape:
+        raise ModelError(
+            f"{model.spec.source}: the model gives a {shape[2]}x{shape[1]} (width x height) "
+            f"output for the {info.shape[1]}x{info.shape[0]} scene {Path(info.path).name}; label "
+            "maps need an output at the scene's resolution (upsample in the model)"
+        )
+
+
+def task_memory(model: AnalysedModel, window: tuple[int, int], batch_size: int) -> MemoryEstimate:
+    """Peak bytes of one inference task on windows of ``window`` pixels."""
+    channels = len(model.spec.bands)
+    rows, cols = window
+    classes = len(model.spec.classes)
+    # Per pixel: raw values (up to 8 bytes a band), the float32 model input, the
+    # logits and their crop, the labels and the masks.
+    per_pixel = channels * (8 + 4) + classes * 4 * 2 + 8 + 2
+    return MemoryEstimate(
+        window_input=batch_size * rows * cols * per_pixel,
+        activations=activation_bytes(model.module, (channels, rows, cols), batch_size),
+        weights=weight_bytes(model.module),
+    )
+
+
+#: Default cap of one CPU task's memory: beyond tiles of a few thousand pixels the halo
+#: overhead hardly falls, while memory keeps growing with the tile's area.
+CPU_TASK_BUDGET = 512 * 2**20
+
+
+def default_budget(config: RunConfig, device: str) -> int:
+    """A safe share of a worker's memory: 60 % of the GPU; on CPUs 60 % of the RAM
+    split between workers, at most :data:`CPU_TASK_BUDGET`."""
+    if config.memory_budget:
+        return config.memory_budget
+    if device == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory * 0.6)
+    workers = config.workers or default_workers(config.threads_per_worker, gpu=False)
+    return min(CPU_TASK_BUDGET, int(psutil.virtual_memory().total * 0.6 / workers))
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The tile choice and, where they were measured now, the window speeds behind it."""
+
+    choice: TileChoice
+    speeds_key: str | None = None
+    measured: dict[tuple[int, int], float] | None = None
+
+
+def _speed_lookup(speeds: dict[tuple[int, int], float]) -> Callable[[tuple[int, int]], float]:
+    """Speed of a window: as measured, else that of the largest measured window not
+    bigger (beyond the measured sizes the last speed is assumed to hold)."""
+    ordered = sorted(speeds, key=lambda s: s[0] * s[1])
+
+    def speed(window: tuple[int, int]) -> float:
+        if window in speeds:
+            return speeds[window]
+        smaller = [s for s in ordered if s[0] * s[1] <= window[0] * window[1]]
+        return speeds[smaller[-1] if smaller else ordered[0]]
+
+    return speed
+
+
+def choose_tiles(infos: list[SceneInfo], config: RunConfig, model: AnalysedModel,
+                 device: str, out_dir: Path) -> Tiling:
+    """The tile size for ``infos``: ``config.tile_size``, or the automatic choice (window
+    speeds from ``out_dir``'s journal, or measured now on a CPU and returned to be kept)."""
+    if config.tile_size is not None:
+        return Tiling(TileChoice(config.tile_size, "as given"))
+    workers = config.workers or default_workers(config.threads_per_worker, device == "cuda")
+    field = model.field
+    halo = field.halo()
+    budget = default_budget(config, device)
+
+    def window(tile: int) -> tuple[int, int]:
+        return (align_up(tile + halo.before[0] + halo.after[0], field.align[0]),
+                align_up(tile + halo.before[1] + halo.after[1], field.align[1]))
+
+    def memory_of(tile: int) -> int:
+        return task_memory(model, window(tile), config.batch_size).total
+
+    shapes = [i.shape for i in infos]
+    if device != "cpu" or not shapes:
+        # GPUs run bigger windows no slower per pixel; the client may not even have one.
+        return Tiling(choose_tile_size(shapes, field, workers, memory_of, budget))
+    key = fingerprint({"model_sha256": model.sha256, "device": device,
+                       "threads_per_worker": config.threads_per_worker})
+    speeds = load_window_speeds(out_dir, key)
+    measured = None
+    if speeds is None:
+        largest = max(max(s) for s in shapes)
+        windows = [window(t) for t in TILE_CANDIDATES
+                   if t <= align_up(largest, max(field.align)) and memory_of(t) <= budget]
+        speeds = measured = window_speeds(model.module, len(model.spec.bands),
+                                          windows or [window(TILE_CANDIDATES[0])],
+                                          config.threads_per_worker)
+    lookup = _speed_lookup(speeds)
+    choice = choose_tile_size(shapes, field, workers, memory_of, budget,
+                              speed_of=lambda tile: lookup(window(tile)))
+    return Tiling(choice, key, measured)
