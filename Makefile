@@ -43,8 +43,12 @@ check: install-test
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/mypy
 
+# The suite runs its test files on TEST_JOBS processes (pytest-xdist): most tests run the
+# real CLI, each mostly on one core, so two at once keep two cores busy.
+TEST_JOBS ?= 2
+
 test: check
-	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

@@ -8,14 +8,16 @@ Against the output folder's journal it gives one action (:func:`decide`):
 - ``resume``: work with this fingerprint exists: only tiles without a valid record run;
 - ``publish``: every tile was written and the publication had begun: it is finished;
 - ``start``: from nothing (always so with ``--overwrite``);
-- a refusal (``None``): outputs or work made with another fingerprint, without
-  ``--overwrite``.
+- ``refuse``: published outputs made with another fingerprint, or unfinished work made
+  with another model or settings, without ``--overwrite`` (unfinished work of another
+  version of the scene file is started again: it can never be resumed).
 
 No torch, no Dask: journal files and plain values only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict
 from typing import Any
@@ -52,24 +54,58 @@ def fingerprint_values(plan: ScenePlan, scene_sha256: str | None, spec: ModelSpe
     }
 
 
-def decide(record: SceneRecord, digest: str, overwrite: bool) -> str | None:
-    """The action for one scene (None: refused, its outputs were made otherwise)."""
+#: Fingerprint values by what they are to a user, for the reason of a refusal.
+_WHAT = {"scene_sha256": "input", "shape": "input", "model_sha256": "model",
+         "model_name": "model", "spec": "model spec", "tile_shape": "tile size",
+         "halo": "tile size", "probabilities": "settings", "device": "settings",
+         "precision": "settings"}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two fingerprints' values, in words ("input", "tile size")."""
+    new = json.loads(json.dumps(new, default=str))  # as stored: tuples become lists
+    found: list[str] = []
+    for key, what in _WHAT.items():
+        if key in old and old.get(key) != new.get(key) and what not in found:
+            found.append(what)
+    return found
+
+
+def _reason(old: dict[str, Any], new: dict[str, Any], made: str) -> str:
+    what = _differences(old, new)
+    if what == ["input"]:
+        return f"{made} from another version of the scene file"
+    return f"{made} with another {' and '.join(what) or 'input, model or settings'}"
+
+
+def decide(record: SceneRecord, digest: str, values: dict[str, Any],
+           overwrite: bool) -> tuple[str, str | None]:
+    """The action for one scene, and for a refusal its reason.
+
+    Unfinished work made from another version of the scene file is given up (it can
+    never be resumed: that file is gone); work made with another model or settings, and
+    published outputs made otherwise, are refused without ``overwrite``.
+    """
     if overwrite:
-        return START
+        return START, None
     if record.published_as(digest) is not None:
-        return SKIP
-    published = record.published_record()
+        return SKIP, None
     started = record.work_fingerprint()
+    if started is not None and started != digest:
+        old = record.work_values()
+        if _differences(old, values) != ["input"]:
+            return REFUSE, _reason(old, values, "unfinished work made")
+        started = None  # stale: started again below
+    published = record.published_record()
     if (published is not None and published.fingerprint != digest
-            and os.path.lexists(record.published_store)) \
-            or (started is not None and started != digest):
-        return None
+            and os.path.lexists(record.published_store)):
+        return REFUSE, _reason(dict(published.values), values, "outputs made")
     if started == digest:
         if record.publishing_state() is not None:
-            return PUBLISH
+            return PUBLISH, None
         if record.store_complete():
-            return RESUME
-    return START
+            return RESUME, None
+    return START, None
 
 
 def action_line(stem: str, action: str | None, error: str | None = None) -> str:
@@ -79,8 +115,9 @@ def action_line(stem: str, action: str | None, error: str | None = None) -> str:
              RESUME: "resume: tiles recorded by an earlier run are kept",
              PUBLISH: "publish: every tile was written by an earlier run",
              START: "start",
-             REFUSE: "refused: its outputs were made with another input, model or settings "
-                       "(--overwrite replaces them)"}
+             REFUSE: "refused"}
     if action is None:
         return f"{stem}: fails: {error}"
+    if action == REFUSE:
+        return f"{stem}: refused: {error or 'made otherwise'} (--overwrite replaces it)"
     return f"{stem}: {words[action]}"

@@ -11,10 +11,11 @@ everything that can be checked without them: a usage error answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -29,22 +30,42 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 class _Cli(click.Group):
-    """The command group; SIGINT and SIGTERM stop any command with one line and 128 + N."""
+    """The command group: every error is one line (click's own usage errors too), and
+    SIGINT and SIGTERM stop any command with one line and exit status 128 + N."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
         with stop_on_signals():
             try:
-                return super().main(*args, **kwargs)
+                code = super().main(args, prog_name, complete_var, standalone_mode=False,
+                                    **extra)
             except Interrupted as exc:
                 click.echo(f"fcn-pipeline: interrupted by {exc.name}", err=True)
                 sys.exit(exc.exit_code)
+            except click.ClickException as exc:
+                if isinstance(exc, click.UsageError) and not isinstance(exc, _UsageError) \
+                        and exc.ctx is not None:
+                    where = f" (see {exc.ctx.command_path} --help)"
+                else:
+                    where = ""
+                click.echo(f"error: {exc.format_message()}{where}", err=True)
+                sys.exit(exc.exit_code)
+            except click.Abort:
+                click.echo("fcn-pipeline: aborted", err=True)
+                sys.exit(EXIT_FAILED)
+            except OSError as exc:  # a file error no command named, or printing failed
+                with contextlib.suppress(OSError):
+                    where = f" ({exc.filename})" if exc.filename else ""
+                    click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+                sys.exit(EXIT_FAILED)
+        if standalone_mode:
+            sys.exit(code if isinstance(code, int) else 0)
+        return code
 
 
 class _UsageError(click.UsageError):
-    """A usage error from our own validation (exit code 2)."""
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+    """A usage error from our own validation (exit code 2), shown without a --help hint."""
 
 
 def _fail_usage(exc: Exception) -> NoReturn:
@@ -217,6 +238,11 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
             "channels_last": channels_last, "compile": compile_model,
         })
         checked = preflight(config)  # before loading torch or starting a cluster
+        if not checked.runnable:  # every scene failed its checks: no torch needed to say so
+            from pipeline.report import failed_report
+
+            _show_report(failed_report([(c.path, c.outputs.stem, c.error) for c in checked.scenes],
+                                       "no scene can run"), dry_run, as_json, quiet)
         from pipeline.run import run as run_scenes
 
         with ExitStack() as stack:
@@ -247,10 +273,11 @@ def _show_report(report: Any, dry_run: bool, as_json: bool, quiet: bool) -> NoRe
         click.echo(json.dumps(payload, indent=2, default=str))
     elif not quiet and not report.interrupted:
         click.echo(report.plan_text if dry_run else _summary(report))
-        if not dry_run and report.manifest:
+        if not dry_run and report.manifest and not report.manifest_error:
             click.echo(f"outputs in {report.manifest.parent} (manifest {report.manifest.name})")
     for scene in failed:
-        click.echo(f"error: {Path(scene.scene).name}: {scene.error}", err=True)
+        name, error = Path(scene.scene).name, str(scene.error)
+        click.echo(f"error: {error if error.startswith(name) else f'{name}: {error}'}", err=True)
     if report.refusal:
         click.echo(f"error: {report.refusal}", err=True)
         sys.exit(EXIT_USAGE)
@@ -496,17 +523,21 @@ def _summary(report: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's scenes as JSON.")
 def status(directory: Path, as_json: bool) -> None:
     """Per-scene status of the run that writes or wrote DIRECTORY (from its manifest)."""
-    from pipeline.journal import SceneRecord, read_manifest
+    from pipeline.journal import SceneRecord, lock_holder, read_manifest
 
     try:
         manifest = read_manifest(directory)
     except ConfigError as exc:
         _fail_usage(exc)
+    live = lock_holder(directory.absolute()) is not None
     scenes = []
     for scene in manifest["scenes"]:
         scene = dict(scene)
         if scene.get("status") == "running":  # live (or killed) run: count the tile records
             scene["tiles_done"] = len(SceneRecord(directory.absolute(), scene["stem"]).tiles_done())
+            if not live:  # no run holds the folder: the one that recorded this was killed
+                scene["status"] = "stopped"
+                scene["error"] = scene.get("error") or "the run was killed; run it again to resume"
         scenes.append(scene)
     if as_json:
         click.echo(json.dumps({"status": manifest.get("status"), "run_id": manifest.get("run_id"),

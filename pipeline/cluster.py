@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -13,6 +15,10 @@ from typing import Any
 import dask.config
 import yaml
 from distributed import Client, LocalCluster
+from distributed.comm import CommClosedError, registry
+from distributed.comm import connect as comm_connect
+from distributed.comm.addressing import parse_address
+from distributed.security import Security
 
 from pipeline.config import usable_cores
 from pipeline.errors import ConfigError
@@ -66,15 +72,222 @@ def worker_config() -> dict[str, Any]:
     return flat
 
 
+#: Seconds to open a connection to a Dask scheduler: distributed retries a refused or
+#: failed attempt, with backoff, until then (its own default is 30 s).
+CONNECT_TIMEOUT = 10.0
+#: Seconds more for an opened connection to answer as a Dask scheduler: distributed
+#: waits for the handshake's answer without a limit, and an HTTP server never sends one.
+ANSWER_TIMEOUT = 5.0
+#: A well-formed scheduler address, for error messages.
+_EXAMPLE = "tcp://10.0.0.5:8786"
+#: The Dask servers that are not a scheduler, by the type their identity reports.
+_NOT_SCHEDULERS = {"Worker": "worker", "Nanny": "worker's nanny"}
+
+
+def check_address(address: str) -> None:
+    """Check that ``address`` has a form distributed can connect to, before connecting.
+
+    The form is ``SCHEME://HOST:PORT``, or ``HOST:PORT`` for tcp, with a scheme
+    distributed has a comm backend for (tcp, tls, ws, wss, ...); an
+    ``inproc://`` address names a server in this process and has no port.
+
+    Raises:
+        ConfigError: The address holds spaces or control characters, its scheme is
+            not one distributed connects with (http:// is the dashboard's), or it
+            lacks a host or a port, or its port is not a number from 1 to 65535.
+    """
+    if not address.isprintable() or any(c.isspace() for c in address):
+        raise ConfigError(
+            f"Dask scheduler address {address!r} contains spaces or control characters; "
+            f"give one such as {_EXAMPLE}"
+        )
+    scheme, location = parse_address(address)
+    try:
+        registry.get_backend(scheme)
+    except ValueError:
+        known = ", ".join(f"{name}://" for name in sorted(registry.backends))
+        dashboard = (" (an http:// address is the dashboard's, not the scheduler's)"
+                     if scheme in ("http", "https") else "")
+        raise ConfigError(
+            f"Dask scheduler address {address!r} has the scheme {scheme!r}, which Dask does "
+            f"not connect with{dashboard}; give the scheduler's address with one of {known}, "
+            f"such as {_EXAMPLE}"
+        ) from None
+    problem = None if scheme == "inproc" else _host_port_problem(location)
+    if problem:
+        raise ConfigError(
+            f"Dask scheduler address {address!r} is not SCHEME://HOST:PORT ({problem}); "
+            f"give one such as {_EXAMPLE}"
+        )
+
+
+def _host_port_problem(location: str) -> str | None:
+    """What is wrong with ``location`` as ``HOST:PORT`` (``[IPV6]:PORT``), if anything."""
+    if location.startswith("["):
+        host, bracket, tail = location[1:].partition("]")
+        if not bracket:
+            return "the IPv6 host has no closing bracket, as in [::1]:8786"
+        if not tail.startswith(":"):
+            return "no port" if not tail else f"{tail!r} follows the IPv6 host instead of :PORT"
+        port = tail[1:]
+    else:
+        host, colon, port = location.rpartition(":")
+        if not colon:
+            return "no port"
+        if ":" in host:
+            return "more than one colon: an IPv6 host needs brackets, as in tcp://[::1]:8786"
+    if not host:
+        return "no host"
+    if not port.isascii() or not port.isdigit():
+        return f"the port {port!r} is not a number" if port else "no port"
+    if not 1 <= int(port) <= 65535:
+        return f"the port {int(port)} is not from 1 to 65535"
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, outermost first."""
+    chain = [exc]
+    while True:
+        inner = chain[-1].__cause__ or chain[-1].__context__
+        if inner is None or inner in chain:
+            return chain
+        chain.append(inner)
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost cause of ``exc`` that says something, on one line."""
+    for error in reversed(_chain(exc)):
+        text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        lines = text.strip().splitlines()
+        if lines:
+            return lines[0]
+    return type(exc).__name__
+
+
+def _system_cause(exc: BaseException) -> str | None:
+    """The operating system's reason behind ``exc`` (``Connection refused``), if any.
+
+    distributed's connection timeout keeps only its last attempt's error, which
+    is often its own timeout rather than the refusal before it: then ``None``.
+    """
+    for error in reversed(_chain(exc)):
+        if isinstance(error, OSError) and error.strerror:
+            return str(error.strerror)
+    return None
+
+
+def _identity(address: str) -> object:
+    """What the server at ``address`` says it is, asked the way distributed's rpc asks.
+
+    Bounded: distributed retries the connection for :data:`CONNECT_TIMEOUT`, then
+    waits for the handshake's answer without a limit; the whole exchange gets
+    :data:`ANSWER_TIMEOUT` more. It runs on an event loop of its own, in a thread
+    of its own (the caller may be running a loop), which is left behind if even
+    the loop's shutdown hangs (a name lookup that never returns).
+    """
+    args = Security().get_connection_args("client")  # what Client uses by default
+
+    async def ask() -> object:
+        comm = await comm_connect(address, timeout=CONNECT_TIMEOUT, **args)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    async def bounded() -> object:
+        return await asyncio.wait_for(ask(), CONNECT_TIMEOUT + ANSWER_TIMEOUT)
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fcn-scheduler-probe")
+    try:
+        future = pool.submit(asyncio.run, bounded())
+        try:
+            return future.result(timeout=CONNECT_TIMEOUT + 2 * ANSWER_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            raise asyncio.TimeoutError() from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def check_scheduler(address: str) -> None:
+    """Check that a Dask scheduler answers at ``address``, in bounded time.
+
+    distributed's own connection, given a server that is not a Dask scheduler
+    (an HTTP server, say), waits for its answer forever or reads its bytes as
+    a message of exabytes; this asks the server's identity within
+    :data:`CONNECT_TIMEOUT` plus :data:`ANSWER_TIMEOUT` seconds instead.
+
+    Raises:
+        ConfigError: The address is malformed (:func:`check_address`), nothing
+            accepts a connection there within :data:`CONNECT_TIMEOUT` (nothing
+            listens, the host is unknown or unreachable), or what answers is not
+            a Dask scheduler (it closes the connection, answers something else,
+            nothing, or is a Dask worker).
+    """
+    check_address(address)
+    scheduler_port = "the scheduler's address (usually port 8786, not the dashboard's 8787)"
+    try:
+        reply = _identity(address)
+    except asyncio.TimeoutError:  # before OSError: from Python 3.11 it is one
+        raise ConfigError(
+            f"{address} did not answer as a Dask scheduler within "
+            f"{CONNECT_TIMEOUT + ANSWER_TIMEOUT:g} s; check that it is {scheduler_port}"
+        ) from None
+    except CommClosedError as exc:
+        raise ConfigError(
+            f"{address} closed the connection without answering as a Dask scheduler "
+            f"({_cause(exc)}); check that it is {scheduler_port}"
+        ) from exc
+    except OSError as exc:
+        reason = _system_cause(exc)
+        raise ConfigError(
+            f"cannot reach the Dask scheduler at {address}: no connection within "
+            f"{CONNECT_TIMEOUT:g} s{f' ({reason})' if reason else ''}; check the address "
+            "and that the scheduler is running"
+        ) from exc
+    except Exception as exc:  # whatever it sent (MemoryError: bytes read as a size), not one
+        raise ConfigError(
+            f"{address} does not answer as a Dask scheduler ("
+            f"{type(exc).__name__}: {_cause(exc)}); check that it is {scheduler_port}"
+        ) from exc
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    if kind in _NOT_SCHEDULERS:
+        assert isinstance(reply, dict)
+        own = reply.get("scheduler")
+        fix = (f"give its scheduler's address, {own}" if isinstance(own, str)
+               else f"give {scheduler_port}")
+        raise ConfigError(
+            f"{address} is a Dask {_NOT_SCHEDULERS[kind]}, not the scheduler; {fix}"
+        )
+    if not isinstance(kind, str):
+        raise ConfigError(
+            f"{address} answered, but not as a Dask scheduler; check that it is {scheduler_port}"
+        )
+
+
 @contextmanager
 def connect(spec: ClusterSpec) -> Iterator[Client]:
-    """A Dask client for the run, closed (and any embedded cluster shut down) on exit."""
+    """A Dask client for the run, closed (and any embedded cluster shut down) on exit.
+
+    With a scheduler address (:meth:`ClusterSpec.address`), the address is
+    checked and the scheduler asked who it is first (:func:`check_scheduler`),
+    so that a wrong address fails in bounded time, in one line.
+
+    Raises:
+        ConfigError: The scheduler address is malformed, unreachable, or not a
+            Dask scheduler's; the message names the address and the cause.
+    """
     address = spec.address()
     if address:
+        check_scheduler(address)
         try:
-            client = Client(address, timeout="30s")
-        except OSError as exc:
-            raise ConfigError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+            client = Client(address, timeout=f"{CONNECT_TIMEOUT}s")
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ConfigError(
+                f"cannot connect to the Dask scheduler at {address} ({_cause(exc)}); check "
+                "the address and that the scheduler is running"
+            ) from exc
         try:
             yield client
         finally:

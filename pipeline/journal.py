@@ -19,7 +19,8 @@ Inside the output directory::
                               and threads: the automatic tile size of every later run
                               into this directory comes from the same figures
     .fcn-pipeline/.trash/     old outputs being replaced (removed once the new ones are in place)
-    .fcn-pipeline/workers.log what the embedded cluster's worker processes printed
+    .fcn-pipeline/.workers.log
+                              what the embedded cluster's worker processes printed
     .fcn-pipeline/STEM/       the work of a scene not yet published:
         fingerprint.json      what decides its outputs (input content, model, settings)
         labels.zarr/          the label store being filled, one chunk per tile
@@ -46,7 +47,7 @@ import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ TRASH = ".trash"
 SPEEDS = ".window-speeds.json"
 DIGESTS = ".scene-digests.json"
 MANIFEST = "run.json"
-WORKER_LOG = "workers.log"
+WORKER_LOG = ".workers.log"
 FINGERPRINT_ATTR = "fcn_pipeline_fingerprint"
 #: Runs kept in the manifest's history, newest last.
 HISTORY_LIMIT = 200
@@ -140,7 +141,8 @@ def locked(out_dir: Path, run_id: str) -> Iterator[None]:
     """
     work = out_dir / WORK
     work.mkdir(parents=True, exist_ok=True)
-    fd = os.open(work / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: a link planted at the lock's name is refused, its target never truncated.
+    fd = os.open(work / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         _take_lock(fd, out_dir)
         os.ftruncate(fd, 0)
@@ -251,17 +253,23 @@ def save_window_speeds(out_dir: Path, key: str, speeds: Mapping[tuple[int, int],
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """What changes when a file is modified or replaced: size, modification time, inode."""
+    """What changes when a file is modified or replaced: size, modification time, inode,
+    and the inode's change time, which no program can set back (a write that restores
+    the modification time still changes it)."""
 
     size: int
     mtime_ns: int
     inode: int
     device: int
+    ctime_ns: int = 0
 
     @classmethod
     def of(cls, path: str | Path) -> FileIdentity:
         st = os.stat(path)
-        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns)
+
+    def key(self) -> list[int]:
+        return [self.size, self.mtime_ns, self.inode, self.device, self.ctime_ns]
 
 
 class DigestCache:
@@ -283,9 +291,8 @@ class DigestCache:
         """sha256 of the file at ``path`` (absolute), from the cache while still valid, and
         the file's identity taken before it was read."""
         identity = FileIdentity.of(path)
-        key = [identity.size, identity.mtime_ns, identity.inode, identity.device]
         entry = self.entries.get(path)
-        if isinstance(entry, dict) and entry.get("identity") == key \
+        if isinstance(entry, dict) and entry.get("identity") == identity.key() \
                 and isinstance(entry.get("sha256"), str):
             return str(entry["sha256"]), identity
         value = file_digest(path)
@@ -293,9 +300,9 @@ class DigestCache:
         return value, identity
 
     def remember(self, path: str, digest: str, identity: FileIdentity) -> None:
-        key = [identity.size, identity.mtime_ns, identity.inode, identity.device]
-        if self.entries.get(path) != {"identity": key, "sha256": digest}:
-            self.entries[path] = {"identity": key, "sha256": digest}
+        entry = {"identity": identity.key(), "sha256": digest}
+        if self.entries.get(path) != entry:
+            self.entries[path] = entry
             self.changed = True
 
     def save(self) -> None:
@@ -342,6 +349,8 @@ class PublishedRecord:
     cog: Mapping[str, Any]
     zarr: Mapping[str, Any]
     figures: Mapping[str, Any]
+    #: The values behind the fingerprint (what a refusal names as changed).
+    values: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, data: Any) -> PublishedRecord | None:
@@ -349,7 +358,8 @@ class PublishedRecord:
             return None
         try:
             record = cls(str(data["fingerprint"]), str(data.get("scene", "")), dict(data["cog"]),
-                         dict(data["zarr"]), dict(data.get("figures") or {}))
+                         dict(data["zarr"]), dict(data.get("figures") or {}),
+                         dict(data.get("values") or {}))
         except (KeyError, TypeError, ValueError):
             return None
         if not isinstance(record.zarr.get("files"), dict):
@@ -358,7 +368,8 @@ class PublishedRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "scene": self.scene, "cog": dict(self.cog),
-                "zarr": dict(self.zarr), "figures": dict(self.figures)}
+                "zarr": dict(self.zarr), "figures": dict(self.figures),
+                "values": dict(self.values)}
 
 
 def listing_digest(files: Mapping[str, str]) -> str:
@@ -514,13 +525,24 @@ class SceneRecord:
         """Whether the work store was fully created (its labels array exists)."""
         return (self.store / "labels" / "zarr.json").is_file()
 
-    def commit(self, digest: str, values: Mapping[str, Any]) -> None:
-        """Record the fingerprint: from now on this work can be resumed."""
-        write_json(self.work / "fingerprint.json", {"fingerprint": digest, "values": dict(values)},
-                   durable=True)
+    def commit(self, digest: str, values: Mapping[str, Any], scene: str = "") -> None:
+        """Record the fingerprint (and the scene file it is of): from now on this work can be
+        resumed."""
+        write_json(self.work / "fingerprint.json",
+                   {"fingerprint": digest, "values": dict(values), "scene": scene}, durable=True)
+
+    def work_values(self) -> dict[str, Any]:
+        """The values behind the work's fingerprint (empty when absent or damaged)."""
+        data = read_json(self.work / "fingerprint.json")
+        values = data.get("values") if isinstance(data, dict) else None
+        return dict(values) if isinstance(values, dict) else {}
 
     def discard_work(self) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
+        """Remove the scene's work folder (a link in its place is removed, never followed)."""
+        if self.work.is_symlink():
+            self.work.unlink()
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def add_attempt(self) -> int:
         path = self.work / "attempts"
@@ -594,17 +616,62 @@ class SceneRecord:
         return good, damaged
 
 
+def stem_owners(out_dir: Path) -> dict[str, str]:
+    """Output stem -> the scene file its published outputs or unfinished work are of, from
+    the journal of ``out_dir`` (so a scene keeps its stem when a new file's name collides)."""
+    owners: dict[str, str] = {}
+    work = out_dir / WORK
+    published = work / PUBLISHED
+    for path in sorted(published.glob("*.json")) if published.is_dir() else []:
+        record = PublishedRecord.parse(read_json(path))
+        if record is not None and record.scene:
+            owners[path.stem] = record.scene
+    for path in sorted(work.glob("*/fingerprint.json")) if work.is_dir() else []:
+        data = read_json(path)
+        scene = data.get("scene") if isinstance(data, dict) else None
+        if isinstance(scene, str) and scene:
+            owners.setdefault(path.parent.name, scene)
+    return owners
+
+
+def earlier_tile_sizes(out_dir: Path, stems: list[str]) -> set[int]:
+    """The tile sizes the published outputs and unfinished work of ``stems`` in ``out_dir``
+    were made with (what an automatic choice keeps, so reruns plan the same tiles)."""
+    sizes: set[int] = set()
+    for stem in stems:
+        record = SceneRecord(out_dir, stem)
+        data = read_json(record.published_store / "zarr.json")
+        attrs = data.get("attributes") if isinstance(data, dict) else None
+        size = attrs.get("tile_size") if isinstance(attrs, dict) else None
+        if isinstance(size, int) and size > 0:
+            sizes.add(size)
+        tile = record.work_values().get("tile_shape")
+        if isinstance(tile, list) and tile and isinstance(tile[0], int):
+            sizes.add(tile[0])
+    return sizes
+
+
 def record_tile(work: str | Path, index: tuple[int, int], files: list[str]) -> None:
     """Record that a tile's chunk files (paths relative to the work folder ``work``) are
     written: each is synced to disk and its sha256 noted, then the record is written
-    atomically. Never before the chunks are durable."""
+    atomically. Never before the chunks are durable.
+
+    Raises:
+        OutputError: a chunk cannot be synced or read, or the record cannot be written
+            (disk full): one line naming the file and the cause.
+    """
     work = Path(work)
     sums = {}
-    for rel in files:
-        path = work / rel
-        fsync_file(path)
-        sums[rel] = file_digest(path)
-    write_json(work / "tiles" / f"{index[0]}-{index[1]}", {"files": sums}, durable=True)
+    record = work / "tiles" / f"{index[0]}-{index[1]}"
+    try:
+        for rel in files:
+            path = work / rel
+            fsync_file(path)
+            sums[rel] = file_digest(path)
+        write_json(record, {"files": sums}, durable=True)
+    except OSError as exc:
+        raise OutputError(f"cannot record tile {index[0]}-{index[1]} in {record}: "
+                          f"{exc.strerror or exc}") from exc
 
 
 def move_aside(path: Path, out_dir: Path) -> None:
@@ -638,6 +705,8 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("scenes"), list):
         raise ConfigError(f"{path} is not an fcn-pipeline run manifest (it does not parse)")
+    data["scenes"] = [s for s in data["scenes"]
+                      if isinstance(s, dict) and isinstance(s.get("stem"), str)]
     return data
 
 
@@ -646,3 +715,23 @@ def previous_history(out_dir: Path) -> list[dict[str, Any]]:
     data = read_json(out_dir / MANIFEST)
     history = data.get("history") if isinstance(data, dict) else None
     return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+
+
+def previous_scenes(out_dir: Path) -> list[dict[str, Any]]:
+    """The scenes of the manifest already in ``out_dir`` (a run keeps those it does not
+    work on itself, so the manifest describes every scene of the folder)."""
+    data = read_json(out_dir / MANIFEST)
+    scenes = data.get("scenes") if isinstance(data, dict) else None
+    if not isinstance(scenes, list):
+        return []
+    return [s for s in scenes if isinstance(s, dict) and isinstance(s.get("stem"), str)]
+
+
+def lock_holder(out_dir: Path) -> str | None:
+    """The pid of the run holding ``out_dir``'s lock, or None when no run holds it."""
+    try:
+        check_unlocked(out_dir)
+    except ConfigError:
+        data = (out_dir / WORK / LOCK).read_text(errors="replace").split()
+        return data[0] if data else "unknown"
+    return None

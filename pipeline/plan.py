@@ -7,7 +7,7 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,20 +59,24 @@ def outputs_for(scene: str | Path, out_dir: Path) -> Outputs:
     return Outputs(stem, out_dir / f"{stem}.zarr", out_dir / f"{stem}.tif")
 
 
-def name_outputs(scenes: list[str], out_dir: Path) -> list[Outputs]:
+def name_outputs(scenes: list[str], out_dir: Path,
+                 owners: Mapping[str, str] | None = None) -> list[Outputs]:
     """Outputs for every scene of a run, no two alike.
 
     Scenes whose names give the same stem (compared without case, as on
-    case-insensitive file systems) are told apart deterministically: in the order
-    of their absolute paths the first keeps the stem, each other one gets
-    ``-`` and 8 hexadecimal digits of the sha256 of its absolute path.
+    case-insensitive file systems) are told apart deterministically: the scene that
+    ``owners`` (stem -> scene path, from the output folder's journal) says has the
+    stem already keeps it, else the first in the order of absolute paths; each other
+    one gets ``-`` and 8 hexadecimal digits of the sha256 of its absolute path.
     """
+    owners = owners or {}
     stems = [output_stem(s) for s in scenes]
     groups: dict[str, list[int]] = {}
     for k, stem in enumerate(stems):
         groups.setdefault(stem.casefold(), []).append(k)
     for members in groups.values():
-        ordered = sorted(members, key=lambda k: os.path.abspath(scenes[k]))
+        ordered = sorted(members, key=lambda k: (
+            os.path.abspath(scenes[k]) != owners.get(stems[k]), os.path.abspath(scenes[k])))
         for k in ordered[1:]:
             stems[k] = f"{stems[k]}-{_digest(os.path.abspath(scenes[k]))}"
     return [Outputs(stem, out_dir / f"{stem}.zarr", out_dir / f"{stem}.tif") for stem in stems]

@@ -20,18 +20,35 @@ and the standard library only.
 
 from __future__ import annotations
 
-import glob
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PipelineError, SceneError
-from pipeline.journal import DigestCache, FileIdentity, SceneRecord, check_unlocked
+from pipeline.journal import (
+    DIGESTS,
+    LOCK,
+    MANIFEST,
+    PUBLISHED,
+    SPEEDS,
+    TRASH,
+    WORK,
+    WORKER_LOG,
+    DigestCache,
+    FileIdentity,
+    SceneRecord,
+    check_unlocked,
+    read_json,
+    stem_owners,
+)
 from pipeline.modelspec import ModelSpec, load_spec, verify_weights
+from pipeline.patterns import expand_scenes
 from pipeline.plan import Outputs, name_outputs
 from pipeline.readers import check_bands, open_scene
 from pipeline.scene import SceneInfo, nodata_problem
+from pipeline.signals import check_signals
 
 
 @dataclass(frozen=True)
@@ -62,35 +79,6 @@ class Preflight:
     @property
     def runnable(self) -> list[SceneCheck]:
         return [s for s in self.scenes if s.info is not None]
-
-
-def expand_scenes(arguments: tuple[str, ...] | list[str]) -> list[str]:
-    """Scene paths from the arguments as users type them, in order, without repeats.
-
-    An argument naming an existing file is that file, whatever characters it holds
-    (``scene[1].tif`` is not a pattern when it exists); only otherwise is it a glob
-    pattern (``**`` spans folders). A pattern that matches nothing is a usage error;
-    a plain path that does not exist is kept, so that scene fails with "no such file"
-    and the others run.
-
-    Raises:
-        ConfigError: no arguments, or a pattern that matched no file.
-    """
-    if not arguments:
-        raise ConfigError(
-            "no scenes given: pass scene files or patterns, or set scenes in a workflow"
-        )
-    seen: dict[str, None] = {}
-    for argument in arguments:
-        if os.path.lexists(argument) or not glob.has_magic(argument):
-            matches = [argument]
-        else:
-            matches = sorted(p for p in glob.glob(argument, recursive=True) if not os.path.isdir(p))
-            if not matches:
-                raise ConfigError(f"{argument}: pattern matched no file")
-        for path in matches:
-            seen.setdefault(os.path.abspath(path), None)
-    return list(seen)
 
 
 def _cause(path: Path) -> str:
@@ -178,6 +166,48 @@ def check_foreign_outputs(scenes: list[str], outputs: list[Outputs], out_dir: Pa
                 "to replace it")
 
 
+def check_journal(out_dir: Path, stems: list[str]) -> None:
+    """Refuse an output folder whose journal (``.fcn-pipeline/``), manifest or the journal
+    entries this run would use are not what this tool makes: links (which it would
+    follow out of the folder, deleting or truncating what they point at), or a file
+    where a folder belongs; and a ``run.json`` that is not an fcn-pipeline manifest.
+
+    Raises:
+        ConfigError: one line naming the path and what to do.
+    """
+    work = out_dir / WORK
+    entries = [work, work / LOCK, work / PUBLISHED, work / TRASH, work / DIGESTS, work / SPEEDS,
+               work / WORKER_LOG, out_dir / MANIFEST]
+    entries += [work / stem for stem in stems]
+    entries += [work / PUBLISHED / f"{stem}.json" for stem in stems]
+    for path in entries:
+        if path.is_symlink():
+            raise ConfigError(f"{path} is a symbolic link: fcn-pipeline never follows links in "
+                              "its journal or manifest; remove the link or choose another --out")
+    for folder in (work, work / PUBLISHED, work / TRASH, *(work / s for s in stems)):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{folder} is a file where fcn-pipeline keeps a folder; move it "
+                              "away or choose another --out")
+    manifest = out_dir / MANIFEST
+    if manifest.exists():
+        data = read_json(manifest) if manifest.is_file() else None
+        if not (isinstance(data, dict) and "fcn_pipeline" in data) and manifest.stat().st_size:
+            raise ConfigError(f"{manifest} is not an fcn-pipeline manifest, and a run would "
+                              "replace it; move it away or choose another --out")
+
+
+def _regular_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a scene before any reader opens it (a FIFO would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # the reader says "no such file" and the like
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return None
+    kind = "a named pipe" if stat.S_ISFIFO(mode) else "not a regular file"
+    return f"{Path(path).name} is {kind} ({path}); pass a GeoTIFF file"
+
+
 def load_model_spec(config: RunConfig) -> tuple[ModelSpec, str]:
     """The run's model spec and the sha256 of its weights (checked against the spec's)."""
     spec = load_spec(config.model)
@@ -187,6 +217,9 @@ def load_model_spec(config: RunConfig) -> tuple[ModelSpec, str]:
 def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool) -> SceneCheck:
     """A scene's header, checked against the model spec; errors become the scene's
     one line, never an exception."""
+    problem = _regular_file_problem(path)
+    if problem:
+        return SceneCheck(path, outputs, error=problem)
     try:
         info = open_scene(path, allow_no_crs=allow_no_crs)
         check_bands(info, spec.bands, spec.dtypes)
@@ -225,18 +258,24 @@ def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
             did not make (without ``--overwrite``), another run holding the folder.
     """
     out_dir = output_dir(config)
-    paths = expand_scenes(config.scenes)
+    paths = expand_scenes(config.scenes, out_dir)
     spec, weights_sha256 = load_model_spec(config)
     check_output_dir(out_dir)
+    owners = stem_owners(out_dir) if out_dir.is_dir() else {}
+    outputs = name_outputs(paths, out_dir, owners)
     if out_dir.is_dir():
+        check_journal(out_dir, [o.stem for o in outputs])
         check_unlocked(out_dir)
-    outputs = name_outputs(paths, out_dir)
     check_inputs_kept(paths, outputs, out_dir)
     check_foreign_outputs(paths, outputs, out_dir, config.overwrite)
-    checks = [check_scene(p, o, spec, config.allow_no_crs) for p, o in zip(paths, outputs)]
+    checks = []
+    for path, out in zip(paths, outputs):
+        checks.append(check_scene(path, out, spec, config.allow_no_crs))
+        check_signals()  # a signal a C library swallowed while a header was read
     if digests:
         cache = DigestCache(out_dir if out_dir.is_dir() else None)
         checks = [_with_digest(c, cache) for c in checks]
+        check_signals()
     return Preflight(config, out_dir, spec, weights_sha256, tuple(checks))
 
 
@@ -268,7 +307,7 @@ def check_named_files(config: RunConfig) -> None:
     Raises:
         ConfigError, ModelSpecError: one line naming the first problem found.
     """
-    paths = expand_scenes(config.scenes)
+    paths = expand_scenes(config.scenes, output_dir(config))
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -101,6 +101,7 @@ def _make(target: PublishTarget) -> dict[str, Any]:
     st = record.cog.stat()
     state = {
         "fingerprint": target.fingerprint,
+        "values": record.work_values(),
         "cog": {"sha256": file_digest(record.cog), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns},
         "zarr": {"sha256": listing_digest(listing), "files": listing},
     }
@@ -122,33 +123,39 @@ def publish(target: PublishTarget) -> PublishedRecord:
             permissions), or the work is in a state no publication leaves.
     """
     record = target.record
+    try:
+        return _publish(target, record)
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"cannot publish {target.stem} in {target.out_dir}: "
+                          f"{exc.strerror or exc}"
+                          + (f" ({exc.filename})" if exc.filename else "")) from exc
+
+
+def _publish(target: PublishTarget, record: SceneRecord) -> PublishedRecord:
     check_run(target.out_dir, target.run_id)
     state = record.publishing_state()
     if state is None or state.get("fingerprint") != target.fingerprint:
         state = _make(target)
     check_run(target.out_dir, target.run_id)
-    try:
-        if record.store.is_dir():
-            if os.path.lexists(record.published_store):
-                move_aside(record.published_store, record.out_dir)
-            os.replace(record.store, record.published_store)
-        elif record.store_fingerprint() != target.fingerprint:
-            raise OutputError(f"cannot publish {record.published_store}: its label store is "
-                              "neither in the work folder nor in place; rerun to compute it again")
-        if record.cog.is_file():
-            os.replace(record.cog, record.published_cog)
-        elif not cog_matches(record.published_cog, state["cog"]):
-            raise OutputError(f"cannot publish {record.published_cog}: the COG is neither in the "
-                              "work folder nor in place; rerun to make it again")
-        published = PublishedRecord(target.fingerprint, target.scene, state["cog"], state["zarr"],
-                                    {})
-        record.published_record_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(record.published_record_path, published.to_json(), durable=True)
-    except OSError as exc:
-        if isinstance(exc, OutputError):
-            raise
-        raise OutputError(f"cannot publish {target.stem} in {target.out_dir}: "
-                          f"{exc.strerror or exc}") from exc
+    # The moves: each looks at what is done already.
+    if record.store.is_dir():
+        if os.path.lexists(record.published_store):
+            move_aside(record.published_store, record.out_dir)
+        os.replace(record.store, record.published_store)
+    elif record.store_fingerprint() != target.fingerprint:
+        raise OutputError(f"cannot publish {record.published_store}: its label store is "
+                          "neither in the work folder nor in place; rerun to compute it again")
+    if record.cog.is_file():
+        os.replace(record.cog, record.published_cog)
+    elif not cog_matches(record.published_cog, state["cog"]):
+        raise OutputError(f"cannot publish {record.published_cog}: the COG is neither in the "
+                          "work folder nor in place; rerun to make it again")
+    published = PublishedRecord(target.fingerprint, target.scene, state["cog"], state["zarr"],
+                                {}, state.get("values") or {})
+    record.published_record_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(record.published_record_path, published.to_json(), durable=True)
     shutil.rmtree(record.work, ignore_errors=True)
     trash = record.out_dir / WORK / TRASH
     for old in trash.glob(f"{record.published_store.name}.*") if trash.is_dir() else []:

@@ -246,12 +246,15 @@ def _declared_nodata(ds: DatasetReader) -> tuple[float | None, ...]:
 
 
 def _bands_problem(name: str, count: int, bands: Sequence[int],
-                   palette: Sequence[int] = ()) -> str | None:
+                   palette: Sequence[int] = (), alpha: Sequence[int] = ()) -> str | None:
     """What is wrong with asking ``name`` (``count`` bands) for ``bands``, if anything.
 
     ``palette`` lists the scene's bands of palette indices: reading one, or
     asking a palette scene for bands it lacks, gets the advice to expand the
     palette to RGB (indices are not intensities: never repeat or scale them).
+    ``alpha`` lists its alpha bands: each is the scene's mask (0 where a pixel
+    is not valid, which :func:`read_window` applies), not data; reading one is
+    refused with the scene's other bands to choose from.
     """
     wanted = list(bands)
     if not wanted:
@@ -266,14 +269,32 @@ def _bands_problem(name: str, count: int, bands: Sequence[int],
         )
     if palette and (max(wanted) > count or set(wanted) & set(palette)):
         return _palette_advice(name, count, wanted, palette)
-    if max(wanted) <= count:
-        return None
-    noun = "band" if count == 1 else "bands"
-    if count == 1:
-        fix = f"set bands: {[1] * len(wanted)} in the model spec to repeat band 1"
+    if max(wanted) > count:
+        noun = "band" if count == 1 else "bands"
+        if count == 1:
+            fix = f"set bands: {[1] * len(wanted)} in the model spec to repeat band 1"
+        else:
+            fix = f"choose bands from 1 to {count} in the model spec"
+        return f"{name} has {count} {noun}; the model needs bands {wanted} ({fix})"
+    if set(wanted) & set(alpha):
+        return _alpha_advice(name, count, wanted, alpha)
+    return None
+
+
+def _alpha_advice(name: str, count: int, wanted: list[int], alpha: Sequence[int]) -> str:
+    """The refusal for a model reading an alpha band: the scene's mask, not data."""
+    read = sorted(set(wanted) & set(alpha))
+    if len(read) == 1:
+        which = f"band {read[0]} is an alpha band"
     else:
-        fix = f"choose bands from 1 to {count} in the model spec"
-    return f"{name} has {count} {noun}; the model needs bands {wanted} ({fix})"
+        which = f"bands {read} are alpha bands"
+    data = [b for b in range(1, count + 1) if b not in set(alpha)]
+    fix = (f"choose other bands in the model spec, from the data bands {data}" if data else
+           "it has no other band, so no data for the model; choose another scene")
+    return (
+        f"{name} {which} (the scene's mask of valid pixels, not data), but the model "
+        f"reads bands {wanted}; {fix}"
+    )
 
 
 def _palette_advice(name: str, count: int, wanted: list[int], palette: Sequence[int]) -> str:
@@ -299,7 +320,10 @@ def check_bands(info: SceneInfo, bands: Sequence[int], dtypes: Sequence[str] | N
     table, not intensities: a model that reads one is refused, whatever its
     band count, with the advice to expand the palette to RGB first
     (``gdal_translate -expand rgb IN OUT``); a one-band palette scene is never
-    told to repeat band 1.
+    told to repeat band 1. A band whose colour interpretation is alpha is the
+    scene's mask of valid pixels, which :func:`read_window` applies, not data:
+    a model that reads one (bands ``[1, 2, 3]`` of an ARGB scene) is refused,
+    with the scene's other bands to choose from.
 
     Args:
         info: The scene, from :func:`open_scene`.
@@ -307,11 +331,13 @@ def check_bands(info: SceneInfo, bands: Sequence[int], dtypes: Sequence[str] | N
         dtypes: The dtypes the model accepts; ``None`` accepts any.
 
     Raises:
-        SceneError: A band is missing, a band read holds palette indices, or
-            the dtype is not accepted; the message names the file and the fix.
+        SceneError: A band is missing, a band read holds palette indices or is
+            an alpha band, or the dtype is not accepted; the message names the
+            file, the band and the fix.
     """
     name = Path(info.path).name
-    problem = _bands_problem(name, info.count, bands, info.palette_bands)
+    alpha = tuple(i + 1 for i, interp in enumerate(info.colorinterp) if interp == "alpha")
+    problem = _bands_problem(name, info.count, bands, info.palette_bands, alpha)
     if problem:
         raise SceneError(problem)
     if dtypes is not None and info.dtype not in dtypes:

@@ -22,7 +22,7 @@ import platform
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -54,12 +54,14 @@ from pipeline.journal import (
     fingerprint,
     locked,
     previous_history,
+    previous_scenes,
     save_window_speeds,
     write_json,
     write_manifest,
 )
 from pipeline.plan import MemoryEstimate, ScenePlan, TileChoice, describe
 from pipeline.preflight import Preflight, SceneCheck, preflight, save_digests
+from pipeline.report import Progress, RunReport, SceneResult, failed_report
 from pipeline.signals import Interrupted, deferred
 from pipeline.tasks import ModelRef
 from pipeline.tiling import (
@@ -72,71 +74,9 @@ from pipeline.tiling import (
 )
 from pipeline.writers import LabelStoreSpec, create_label_store, create_overview_store
 
+#: The plan text of a run none of whose scenes can run.
+NO_SCENE = "no scene can run"
 _VERSIONED = ("torch", "numpy", "dask", "distributed", "rasterio", "zarr")
-
-@dataclass
-class SceneResult:
-    """What happened to one scene."""
-
-    scene: str
-    stem: str
-    shape: tuple[int, int] | None = None
-    tiles: int = 0
-    tiles_done: int = 0
-    inferred: int = 0
-    seconds: float = 0.0
-    status: str = "pending"
-    error: str | None = None
-    attempts: int = 0
-    skipped: bool = False
-    #: skip, resume, publish or start (see the module docstring); None for a failed scene.
-    action: str | None = None
-    fingerprint: str | None = None
-    outputs: dict[str, str] = field(default_factory=dict)
-    #: sha256 of the published COG (``cog``) and of the store's file listing (``zarr``).
-    checksums: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: Seconds the scene's tasks spent reading windows, running the model, writing
-    #: chunks, and publishing (COG and store), summed over tasks and reading threads.
-    work_seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def megapixels_per_second(self) -> float:
-        if not self.shape or not self.seconds:
-            return 0.0
-        return self.shape[0] * self.shape[1] / 1e6 / self.seconds
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A progress event: tiles and pixels done so far."""
-
-    tiles_done: int
-    tiles_total: int
-    pixels_done: int
-    elapsed: float
-
-
-@dataclass
-class RunReport:
-    """The outcome of a run."""
-
-    scenes: list[SceneResult]
-    manifest: Path | None
-    plan_text: str
-    dashboard: str | None = None
-    #: The signal that stopped the run, if one did.
-    interrupted: int | None = None
-    #: The plan as data (``--dry-run --json``).
-    plan: dict[str, Any] = field(default_factory=dict)
-    #: Why the run is refused (a dry run reports it instead of raising ConfigError).
-    refusal: str | None = None
-    #: Why the final manifest could not be written (the run then exits 1).
-    manifest_error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(s.status == "done" for s in self.scenes)
-
 
 def _resolve_device(device: str, remote: bool) -> str:
     if device == "auto":
@@ -160,7 +100,11 @@ def _versions() -> dict[str, str]:
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as one line: its first line, with its class name unless ours."""
+    """An exception as one line: its first line, with its class name unless ours; a file
+    error as its cause and the file."""
+    if isinstance(exc, OSError) and not type(exc).__module__.startswith("pipeline.") \
+            and exc.strerror:
+        return f"{exc.strerror}" + (f" ({exc.filename})" if exc.filename else "")
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     if type(exc).__module__.startswith("pipeline."):
@@ -219,22 +163,21 @@ def _plan_scenes(checked: Preflight, results: list[SceneResult], model: Analysed
         values = fingerprint_values(plan, check.digest, model.spec, model.sha256, config,
                                     device)
         digest = fingerprint(values)
-        action = decide(SceneRecord(checked.out_dir, check.outputs.stem), digest,
-                         config.overwrite)
+        action, reason = decide(SceneRecord(checked.out_dir, check.outputs.stem), digest,
+                                values, config.overwrite)
         results[k].shape, results[k].tiles = check.info.shape, len(grid)
         results[k].fingerprint = digest
-        if action is None:
-            conflicts.append(check.outputs.stem)
-            results[k].action = REFUSE
-            continue
         results[k].action = action
+        if action == REFUSE:
+            conflicts.append(f"{check.outputs.stem} ({reason})")
+            results[k].error = reason
+            continue
         scenes.append(_Scene(k, check, plan, digest, values, action))
     if not conflicts:
         return scenes, None
     return scenes, (
-        f"{checked.out_dir} holds outputs or unfinished work of {', '.join(conflicts)} made "
-        "with another input, model or settings; pass --overwrite to replace them, or "
-        "choose another --out")
+        f"{checked.out_dir} holds outputs or unfinished work of {', '.join(conflicts)}; pass "
+        "--overwrite to replace them, or choose another --out")
 
 
 def run(config: RunConfig, *, dry_run: bool = False,
@@ -269,7 +212,7 @@ def run(config: RunConfig, *, dry_run: bool = False,
                            status="failed" if c.error else "pending", error=c.error)
                for c in checked.scenes]
     if not checked.runnable:
-        return RunReport(results, None, "no scene can run", plan={"scenes": []})
+        return failed_report([(r.scene, r.stem, r.error) for r in results], NO_SCENE)
     model = analyse_model(checked.spec, checked.weights_sha256)
     remote = bool(config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"))
     device = _resolve_device(config.device, remote)
@@ -277,7 +220,8 @@ def run(config: RunConfig, *, dry_run: bool = False,
         assert check.info is not None
         check_output_shape(check.info, model)
     infos = [c.info for c in checked.runnable if c.info is not None]
-    tiling = choose_tiles(infos, config, model, device, out_dir)
+    tiling = choose_tiles(infos, config, model, device, out_dir,
+                          [c.outputs.stem for c in checked.runnable])
     scenes, refusal = _plan_scenes(checked, results, model, config, device, tiling.choice)
     if refusal and not dry_run:
         raise ConfigError(refusal)
@@ -337,7 +281,7 @@ def _prepare(scene: _Scene, model: AnalysedModel, config: RunConfig, out_dir: Pa
     if levels:
         create_overview_store(record.overviews, spec.shape, spec.chunks, levels,
                               spec.dtype, spec.nodata)
-    record.commit(scene.digest, scene.values)
+    record.commit(scene.digest, scene.values, scene.check.path)
     return frozenset()
 
 
@@ -356,6 +300,7 @@ def _execute(config: RunConfig, checked: Preflight, scenes: list[_Scene],
         raise OutputError(f"cannot create the output folder {out_dir}: "
                           f"{exc.strerror or exc}") from exc
     history = previous_history(out_dir)
+    others = [s for s in previous_scenes(out_dir) if s["stem"] not in {r.stem for r in results}]
     state: dict[str, Any] = {"status": "running", "interrupted": None, "dashboard": None}
 
     def save() -> None:
@@ -364,7 +309,7 @@ def _execute(config: RunConfig, checked: Preflight, scenes: list[_Scene],
         with deferred():
             try:
                 write_manifest(out_dir, _manifest(config, model, device, started, results,
-                                                  run_id, history, state))
+                                                  run_id, history, state, others))
             except OutputError as exc:
                 state["manifest_error"] = str(exc)
             else:
@@ -471,7 +416,9 @@ def _work(config: RunConfig, checked: Preflight, scenes: list[_Scene],
 
 def _manifest(config: RunConfig, model: AnalysedModel, device: str, started: float,
               results: list[SceneResult], run_id: str, history: list[dict[str, Any]],
-              state: dict[str, Any]) -> dict[str, Any]:
+              state: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest: this run's settings and scenes, then the folder's other scenes as
+    earlier runs recorded them, and the history of runs."""
     counts: dict[str, int] = {}
     for r in results:
         key = "skipped" if r.skipped else r.status
@@ -491,7 +438,7 @@ def _manifest(config: RunConfig, model: AnalysedModel, device: str, started: flo
             "receptive_field": asdict(model.field),
         },
         "versions": _versions(),
-        "scenes": [asdict(r) for r in results],
+        "scenes": [asdict(r) for r in results] + others,
         "history": [*history[-199:], this],
     }
 

@@ -34,7 +34,9 @@ pixel does not depend on the shape of the array it is computed in.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,6 +46,7 @@ import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
+from rasterio.errors import RasterioError
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
@@ -65,6 +68,9 @@ LABEL_NODATA = DEFAULT_NODATA
 SCENE_NODATA = 0
 #: Largest scene side :func:`write_sample_scenes` accepts.
 MAX_SIZE = 30000
+#: GDAL metadata tag that marks every GeoTIFF written here; its value is the generation
+#: parameters (JSON). A file is replaced only if it has this tag (an earlier sample).
+SAMPLE_TAG = "FCN_PIPELINE_SAMPLE"
 #: CRS and pixel size of written scenes: UTM zone 33N, 10 m pixels.
 SAMPLE_CRS = "EPSG:32633"
 PIXEL_SIZE = 10.0
@@ -567,6 +573,12 @@ def _profiles(seed: int, size: int, block: int) -> tuple[dict, dict]:
     return scene, labels
 
 
+def _sample_mark(kind: str, seed: int, size: int, block: int) -> str:
+    """The :data:`SAMPLE_TAG` value of a written ``kind`` (scene or labels): its parameters."""
+    return json.dumps({"kind": kind, "seed": int(seed), "size": int(size), "block": int(block)},
+                      sort_keys=True)
+
+
 def _write_scene(seed: int, size: int, block: int, paths: SampleScene) -> None:
     """Write one scene and its labels block by block, under temporary names, then rename."""
     scene_profile, labels_profile = _profiles(seed, size, block)
@@ -575,13 +587,15 @@ def _write_scene(seed: int, size: int, block: int, paths: SampleScene) -> None:
         parts[1], "w", **labels_profile
     ) as labels:
         scene.colorinterp = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
-        scene.update_tags(seed=str(seed), generator="pipeline.samples")
+        scene.update_tags(seed=str(seed), generator="pipeline.samples",
+                          **{SAMPLE_TAG: _sample_mark("scene", seed, size, block)})
         colours = {k: (*c.color, 255) for k, c in enumerate(CLASSES)}
         labels.write_colormap(1, {**colours, LABEL_NODATA: (0, 0, 0, 0)})
         labels.update_tags(
             seed=str(seed),
             classes=",".join(c.name for c in CLASSES),
             **{f"class_{k}": c.name for k, c in enumerate(CLASSES)},
+            **{SAMPLE_TAG: _sample_mark("labels", seed, size, block)},
         )
         for r0, r1 in _spans(0, size, block):
             for c0, c1 in _spans(0, size, block):
@@ -597,6 +611,53 @@ def _write_scene(seed: int, size: int, block: int, paths: SampleScene) -> None:
 TRUTH_DIR = "truth"
 
 
+def _targets(directory: Path, count: int) -> list[SampleScene]:
+    """The paths of the ``count`` scenes and label rasters written to ``directory``."""
+    names = [f"scene-{k:03d}" for k in range(count)]
+    return [SampleScene(directory / f"{n}.tif", directory / TRUTH_DIR / f"{n}.tif") for n in names]
+
+
+def is_sample(path: str | Path) -> bool:
+    """Whether ``path`` is a GeoTIFF written here: one with the :data:`SAMPLE_TAG` tag (or
+    the tags of samples written before it).
+
+    False for anything else: a missing path, a directory, a file GDAL cannot
+    open, a raster without the tag.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        # A user's file may be one rasterio warns about (no georeferencing): the
+        # question is only whether it carries the tag.
+        with warnings.catch_warnings(), rasterio.Env():
+            warnings.simplefilter("ignore")
+            with rasterio.open(path) as dataset:
+                tags = dataset.tags()
+                # Samples written before the tag existed: scenes carry
+                # generator=pipeline.samples, true labels seed, classes and class_0.
+                return (SAMPLE_TAG in tags or tags.get("generator") == "pipeline.samples"
+                        or {"seed", "classes", "class_0"} <= set(tags))
+    except (RasterioError, OSError):
+        return False
+
+
+def _check_replaceable(targets: list[SampleScene]) -> None:
+    """Refuse to write over any file that is not an earlier sample, before writing any.
+
+    Raises:
+        ConfigError: A target path exists (a file, a directory, a link) and is
+            not a GeoTIFF with the :data:`SAMPLE_TAG` tag; the message names it.
+    """
+    for path in (p for target in targets for p in (target.scene, target.labels)):
+        if (path.exists() or path.is_symlink()) and not is_sample(path):
+            raise ConfigError(
+                f"{path} exists and is not a sample written by fcn-pipeline (it has no "
+                f"{SAMPLE_TAG} tag), so it is never replaced: move it away, or write the "
+                "samples to another directory"
+            )
+
+
 def write_sample_scenes(
     directory: str | Path, *, size: int = 2048, count: int = 2, seed: int = 0, block: int = 512
 ) -> list[SampleScene]:
@@ -607,21 +668,26 @@ def write_sample_scenes(
     colour map of :data:`CLASSES`, class names in tags ``class_0``...), scene
     ``k`` made from seed ``seed + k``: tiled, DEFLATE, EPSG:32633 with 10 m
     pixels. Pixels are rendered and written in ``block`` x ``block``
-    windows, so memory depends on ``block``, not on ``size``. Existing files
-    of the same names are replaced. The true labels sit in their own folder so
+    windows, so memory depends on ``block``, not on ``size``. Every file
+    carries the :data:`SAMPLE_TAG` tag, its generation parameters; the same
+    arguments write byte-identical files. An existing file of the same name
+    is replaced only if it has that tag (an earlier sample): every target is
+    checked before any is written. The true labels sit in their own folder so
     that ``directory/*.tif`` matches the scenes only.
+
+    Raises:
+        ConfigError: An argument is out of range, or a target file exists that
+            is not an earlier sample (:func:`is_sample`); nothing is written.
     """
     _check_int("size", size, 1, MAX_SIZE)
     _check_int("count", count, 1)
     _check_int("block", block, 1)
     _check_int("seed", seed)
     directory = Path(directory)
+    targets = _targets(directory, count)
+    _check_replaceable(targets)
     (directory / TRUTH_DIR).mkdir(parents=True, exist_ok=True)
-    written = []
     with rasterio.Env():
-        for k in range(count):
-            name = f"scene-{k:03d}"
-            paths = SampleScene(directory / f"{name}.tif", directory / TRUTH_DIR / f"{name}.tif")
+        for k, paths in enumerate(targets):
             _write_scene(seed + k, size, block, paths)
-            written.append(paths)
-    return written
+    return targets

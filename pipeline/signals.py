@@ -88,6 +88,15 @@ def received() -> int | None:
     return _STATE.received
 
 
+def check_signals() -> None:
+    """Raise :class:`Interrupted` for a stop signal that was received but whose exception
+    never arrived: a handler's exception raised while a C library runs a Python callback
+    (rasterio's error hook during a blocked open) is swallowed there. Call it after such
+    calls; outside :func:`deferred`, a received signal otherwise always raises at once."""
+    if _STATE.received is not None and not _STATE.deferring:
+        raise Interrupted(_STATE.received)
+
+
 @contextmanager
 def deferred() -> Iterator[None]:
     """Hold a stop signal back until the block ends, then raise it (a short critical step

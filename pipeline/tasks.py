@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError, SceneChangedError, SceneError
+from pipeline.errors import OutputError, PipelineError, SceneChangedError, SceneError
 from pipeline.grid import Tile
 from pipeline.inference import class_labels, finite_scores
 from pipeline.journal import FileIdentity, SceneRecord, check_run, record_tile
@@ -44,8 +44,9 @@ _Task = TypeVar("_Task", bound=Callable[..., Any])
 
 
 def _portable_errors(task: _Task) -> _Task:
-    """Our errors leave a task as a fresh exception of the same class and message, without
-    the chain of library exceptions behind them: Dask pickles an error's causes to send it
+    """Our errors (and file errors, as :class:`OutputError`) leave a task as a fresh
+    exception of the same class and message, without the chain of library exceptions
+    behind them: Dask pickles an error's causes to send it
     to the client, and an exception of a C extension (GDAL's through rasterio) that does not
     unpickle turned a one-line error into ``Exception: OutputError('...')``."""
 
@@ -54,7 +55,10 @@ def _portable_errors(task: _Task) -> _Task:
         try:
             return task(*args, **kwargs)
         except PipelineError as exc:
-            error = exc
+            error: PipelineError = exc
+        except OSError as exc:  # a file error no step named: still one line with its path
+            where = f" ({exc.filename})" if exc.filename else ""
+            error = OutputError(f"{exc.strerror or exc}{where}")
         raise type(error)(str(error))  # outside the except block: no context, no cause
 
     return run  # type: ignore[return-value]  # same signature, by functools.wraps

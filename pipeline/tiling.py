@@ -28,7 +28,7 @@ from pipeline.inference import (
     weight_bytes,
     window_speeds,
 )
-from pipeline.journal import fingerprint, load_window_speeds
+from pipeline.journal import earlier_tile_sizes, fingerprint, load_window_speeds
 from pipeline.model import build_model
 from pipeline.modelspec import ModelSpec
 from pipeline.plan import TILE_CANDIDATES, MemoryEstimate, TileChoice, choose_tile_size
@@ -129,9 +129,12 @@ def _speed_lookup(speeds: dict[tuple[int, int], float]) -> Callable[[tuple[int, 
 
 
 def choose_tiles(infos: list[SceneInfo], config: RunConfig, model: AnalysedModel,
-                 device: str, out_dir: Path) -> Tiling:
-    """The tile size for ``infos``: ``config.tile_size``, or the automatic choice (window
-    speeds from ``out_dir``'s journal, or measured now on a CPU and returned to be kept)."""
+                 device: str, out_dir: Path, stems: list[str] | None = None) -> Tiling:
+    """The tile size for ``infos``: ``config.tile_size``; else, automatically, the size the
+    outputs or unfinished work of ``stems`` in ``out_dir`` were made with (one size, still
+    within the memory budget: reruns and resumes plan the same tiles, whatever a new
+    measurement would say); else the best estimate (window speeds from ``out_dir``'s
+    journal, or measured now on a CPU and returned to be kept)."""
     if config.tile_size is not None:
         return Tiling(TileChoice(config.tile_size, "as given"))
     workers = config.workers or default_workers(config.threads_per_worker, device == "cuda")
@@ -146,6 +149,11 @@ def choose_tiles(infos: list[SceneInfo], config: RunConfig, model: AnalysedModel
     def memory_of(tile: int) -> int:
         return task_memory(model, window(tile), config.batch_size).total
 
+    earlier = earlier_tile_sizes(out_dir, stems or [])
+    if len(earlier) == 1 and memory_of(size := next(iter(earlier))) <= budget:
+        return Tiling(TileChoice(size, f"auto: the size the earlier work in {out_dir} was made "
+                                       f"with ({memory_of(size) / 2**20:.0f} MiB needed of "
+                                       f"{budget / 2**20:.0f} MiB per task)"))
     shapes = [i.shape for i in infos]
     if device != "cpu" or not shapes:
         # GPUs run bigger windows no slower per pixel; the client may not even have one.

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.journal import SceneRecord, file_digest, listing_digest, read_manifest, store_files
+from pipeline.errors import ConfigError
+from pipeline.journal import (
+    PUBLISHED,
+    WORK,
+    SceneRecord,
+    file_digest,
+    listing_digest,
+    read_manifest,
+    store_files,
+)
 
 
 @dataclass(frozen=True)
@@ -60,26 +69,44 @@ def _check_store(store: Path, files: dict[str, str] | None, sha256: str | None) 
 
 
 def verify_outputs(out_dir: Path) -> list[Finding]:
-    """Check every published scene of ``out_dir``'s manifest.
+    """Check every scene this tool published in ``out_dir``: each published record of its
+    journal (``.fcn-pipeline/.published/``), and the scenes of its manifest recorded as
+    done whose record is gone (their manifest checksums then).
 
     Returns:
         One finding per COG and per store (ok), or per damaged file.
 
     Raises:
-        ConfigError: ``out_dir`` has no manifest that parses.
+        ConfigError: ``out_dir`` has no manifest that parses, or nothing was published in
+            it (so nothing can be checked: verify never passes on nothing).
     """
     manifest = read_manifest(out_dir)
+    out_dir = out_dir.absolute()
     findings: list[Finding] = []
+    checked: set[str] = set()
+    published = out_dir / WORK / PUBLISHED
+    for path in sorted(published.glob("*.json")) if published.is_dir() else []:
+        record = SceneRecord(out_dir, path.stem)
+        entry = record.published_record()
+        if entry is None:
+            findings.append(Finding(str(path), "the published record does not parse"))
+            continue
+        checked.add(path.stem)
+        findings.append(_check_file(record.published_cog, entry.cog.get("sha256")))
+        findings.extend(_check_store(record.published_store, dict(entry.zarr["files"]),
+                                     entry.zarr.get("sha256")))
     for scene in manifest["scenes"]:
         if not isinstance(scene, dict) or scene.get("status") != "done":
             continue
+        stem = str(scene.get("stem"))
+        if stem in checked:
+            continue
         checksums = scene.get("checksums") or {}
-        record = SceneRecord(out_dir.absolute(), str(scene.get("stem")))
-        published = record.published_record()
-        cog = checksums.get("cog") or {}
-        zarr = checksums.get("zarr") or {}
-        findings.append(_check_file(record.published_cog, cog.get("sha256")))
-        files = dict(published.zarr["files"]) if published is not None \
-            and published.zarr.get("sha256") == zarr.get("sha256") else None
-        findings.extend(_check_store(record.published_store, files, zarr.get("sha256")))
+        record = SceneRecord(out_dir, stem)
+        findings.append(_check_file(record.published_cog, (checksums.get("cog") or {}).get(
+            "sha256")))
+        findings.extend(_check_store(record.published_store, None,
+                                     (checksums.get("zarr") or {}).get("sha256")))
+    if not findings:
+        raise ConfigError(f"nothing to verify: {out_dir} has no published outputs")
     return findings

@@ -49,11 +49,10 @@ def test_quiet_verbose_and_json_on_a_finished_folder(reference: Reference,
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout == "" and quiet.stderr == ""
 
-    verbose = cli(*reference.args(out, "-v"))
+    verbose = cli(*reference.args(out, "-v", "--json"))
     assert verbose.returncode == 0, verbose.stderr
     assert all(f"{stem}: skip: published with the same input" in verbose.stderr for stem in STEMS)
-
-    outcome = json.loads(cli(*reference.args(out, "--json")).stdout)
+    outcome = json.loads(verbose.stdout)
     assert [s["status"] for s in outcome["scenes"]] == ["done", "done"]
     assert outcome["manifest"] == str(out / "run.json")
     plan = json.loads(cli(*reference.args(out, "--dry-run", "--json")).stdout)

@@ -51,7 +51,7 @@ def test_output_names_stay_inside_the_output_directory(tmp_path) -> None:
 
 
 def test_output_names_keep_unicode_letters_and_digits(tmp_path) -> None:
-    """Teeth: _UNSAFE back to ASCII-only: both names become "_" and this fails."""
+    """Teeth: _UNSAFE back to ASCII-only: "снимок-2" becomes "_-2" and this fails."""
     assert output_stem("снимок-2.tif") == "снимок-2"
     assert output_stem("衛星画像 3.tif") == "衛星画像_3"
     assert output_stem("cafe\u0301.tif") == "caf\u00e9"  # NFC: one name, one spelling

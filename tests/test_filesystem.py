@@ -8,6 +8,7 @@ where mounting is not permitted). How each test was checked to have teeth is sai
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import rasterio
 import yaml
 from rasterio.transform import Affine
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 from tests.support import STEMS, TILE, Reference, cli, manifest, other_lines
 
 pytestmark = pytest.mark.slow
@@ -102,18 +103,20 @@ def test_usage_errors_are_found_without_loading_torch(reference: Reference,
         assert len(lines) == 1 and words in lines[0], (words, lines)
 
 
+@pytest.mark.parametrize("size", ["200k", "400k"])
 def test_disk_full_fails_the_scenes_in_one_line_each_and_the_next_run_finishes(
-        reference: Reference, tmp_path: Path) -> None:
+        size: str, reference: Reference, tmp_path: Path) -> None:
     """Guarantee 5: a disk that fills up during a run fails the scenes it hits, each with
     one line naming the path and the cause, publishes nothing half-written, still exits
     with its code (1); once space is freed the same command resumes and publishes outputs
-    byte-identical to an uninterrupted run.
+    byte-identical to an uninterrupted run. A 200 KiB disk fills while tiles are
+    written (chunks, tile records), a 400 KiB one while a COG is made.
 
-    Teeth: write_labels raising the bare OSError (no OutputError): the failure reaches
-    the client as a traceback-laden multi-line error; the tasks' errors sent with their
-    causes (no _portable_errors): "Exception: OutputError(...)" lines.
+    Teeth: the tasks' errors sent with their causes (no _portable_errors): the COG's
+    line reads "Exception: OutputError(...)"; record_tile without its OutputError:
+    "OSError: [Errno 28] No space left on device" without the path (200k).
     """
-    with tmpfs(tmp_path / "disk", "400k") as disk:
+    with tmpfs(tmp_path / "disk", size) as disk:
         out = disk / "out"
         args = ["run", *(str(s) for s in reference.scenes), "--out", str(out),
                 "--tile-size", str(TILE), "--workers", "1"]
@@ -124,6 +127,8 @@ def test_disk_full_fails_the_scenes_in_one_line_each_and_the_next_run_finishes(
                              for line in lines), lines
         assert all(str(disk) in line for line in lines), lines
         assert "Traceback" not in full.stderr and "_tiff" not in full.stderr
+        assert not any(w in line for line in lines for w in ("Exception:", "Error(", "[Errno")), \
+            lines
         for stem in STEMS:  # complete or absent
             if (out / f"{stem}.tif").exists() or (out / f"{stem}.zarr").exists():
                 reference.assert_same(out, stem)
@@ -142,8 +147,8 @@ def test_a_model_that_does_not_take_the_spec_bands_is_one_line(tmp_path: Path,
     """Guarantee 5: a spec listing 2 bands for a network whose first layer takes 3
     channels is refused before any task runs: exit 2, one line naming both numbers.
 
-    Teeth: the input_channels() check removed from run._load_model: the run fails inside
-    the tasks with a long torch error (exit 1).
+    Teeth: the input_channels() check removed from tiling.analyse_model: the output-shape
+    check then fails with a ModelAnalysisError traceback.
     """
     demo = ROOT / "pipeline" / "data"
     spec = yaml.safe_load((demo / "demo.yaml").read_text())
@@ -177,6 +182,24 @@ def test_a_complex_scene_fails_alone_at_its_header(reference: Reference, tmp_pat
                "--tile-size", str(TILE), "--workers", "1")
     assert done.returncode == 1, done.stderr
     lines = other_lines(done.stderr)
-    assert len(lines) == 1 and lines[0].startswith(f"error: {complex_scene.name}: "), lines
-    assert "complex" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {complex_scene.name} "), lines
+    assert "has complex pixels" in lines[0], lines  # the header's refusal, not a numpy error
+    refused = manifest(out)[complex_scene.stem]
+    assert refused["action"] is None and refused["attempts"] == 0, refused  # no task ran
     reference.assert_same(out, STEMS[0])
+
+
+def test_a_named_pipe_as_a_scene_fails_at_once(reference: Reference, tmp_path: Path) -> None:
+    """Guarantee 5: a FIFO named as a scene (opening it would block forever) fails alone,
+    at once, with one line; nothing else runs when it is the only scene.
+
+    Teeth: the regular-file check removed from preflight.check_scene: the run blocks in
+    open() until the test's timeout.
+    """
+    fifo = tmp_path / "pipe.tif"
+    os.mkfifo(fifo)
+    done = run_cli("run", str(fifo), "--out", str(tmp_path / "out"), timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert other_lines(done.stderr) == [f"error: pipe.tif is a named pipe ({fifo}); pass a "
+                                        "GeoTIFF file"]
+    assert not (tmp_path / "out").exists()

@@ -62,8 +62,8 @@ def test_damaged_work_is_computed_again_and_the_result_is_exact(
     ones, and publishes outputs byte-identical to an uninterrupted run.
 
     Teeth: verified_tiles() trusting every record (return set(tile_records()), []): the
-    rerun publishes the deleted chunk as nodata and the corrupt one as garbage, and
-    assert_same fails; record_tile without checksums fails the same way.
+    rerun keeps the damaged tiles and fails on the corrupt chunk ("cannot read the chunk
+    .../labels/c/I/J: Zstd decompression error"), exit 1.
     """
     out = tmp_path / "out"
     recorded = _interrupted_run(reference, procs, out, tmp_path / "first")
@@ -87,7 +87,8 @@ def test_damaged_work_is_computed_again_and_the_result_is_exact(
 def test_an_unreadable_fingerprint_starts_the_scene_afresh(
         reference: Reference, procs: Processes, tmp_path: Path) -> None:
     """Guarantee 6: an empty fingerprint.json is treated as missing (the scene starts from
-    nothing), not a failure of every rerun; --overwrite always starts from nothing.
+    nothing), not a failure of every rerun; --overwrite always starts from nothing, even
+    published scenes of the same fingerprint (its dry run says so).
 
     Teeth: work_fingerprint() raising on a file that does not parse (json.loads of "")
     makes the rerun fail with a traceback.
@@ -102,13 +103,9 @@ def test_an_unreadable_fingerprint_starts_the_scene_afresh(
     assert scenes[STEMS[0]]["inferred"] == len(reference.tiles_with_data(STEMS[0]))
     reference.assert_same(out, STEMS[0])
 
-    again = cli(*reference.args(out, "--workers", "1", "--overwrite"))
+    again = cli(*reference.args(out, "--overwrite", "--dry-run", "--json"))
     assert again.returncode == 0, again.stderr
-    scenes = manifest(out)
-    for stem in STEMS:
-        assert scenes[stem]["action"] == "start" and not scenes[stem]["skipped"]
-        assert scenes[stem]["inferred"] == len(reference.tiles_with_data(stem))
-        reference.assert_same(out, stem)
+    assert [s["action"] for s in json.loads(again.stdout)["scenes"]] == ["start", "start"]
 
 
 def test_verify_names_every_damaged_published_file(reference: Reference,
@@ -177,7 +174,7 @@ def test_overwrite_keeps_the_old_outputs_until_the_new_ones_are_published(
     """Guarantee 8: --overwrite (here with another tile size) killed before publishing
     leaves the old outputs untouched; run again, it replaces them.
 
-    Teeth: _prepare deleting the published outputs when it starts a scene (as the old
+    Teeth: run._prepare deleting the published outputs when it starts a scene (as the old
     discard_published did): the kill leaves no scene-000.tif and this fails.
     """
     out = tmp_path / "out"
@@ -189,6 +186,7 @@ def test_overwrite_keeps_the_old_outputs_until_the_new_ones_are_published(
     wait_for(lambda: len(markers(out, STEMS[0])) >= 1, "a tile record", watch=run)
     run.kill()
     for stem in STEMS:
+        assert (out / f"{stem}.tif").is_file() and (out / f"{stem}.zarr").is_dir(), stem
         assert (sha256(out / f"{stem}.tif"), tree(out / f"{stem}.zarr")) == before[stem]
     done = cli(*args)
     assert done.returncode == 0, done.stderr
@@ -224,12 +222,19 @@ def test_a_scene_replaced_during_the_run_fails_alone(reference: Reference, procs
     run.popen.wait(timeout=300)
     assert run.popen.returncode == 1, run.stderr()
     lines = other_lines(run.stderr())
-    assert len(lines) == 1 and lines[0].startswith(f"error: {first.name}: "), lines
-    assert "modified or replaced during the run" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {first.name} was modified or "
+                                                    "replaced during the run"), lines
     scenes_done = manifest(out)
     assert scenes_done[STEMS[0]]["status"] == "failed"
     assert not (out / f"{STEMS[0]}.tif").exists() and not (out / f"{STEMS[0]}.zarr").exists()
     assert scenes_done[STEMS[1]]["status"] == "done"
+    # "Run again to label the file as it is now": the work of the old version is given up.
+    again = cli("run", str(first), str(second), "--out", str(out), "--tile-size", str(TILE),
+                "--workers", "1")
+    assert again.returncode == 0, again.stderr
+    assert manifest(out)[STEMS[0]]["action"] == "start"
+    with rasterio.open(out / f"{STEMS[0]}.tif") as cog:  # now the other scene's content
+        assert np.array_equal(cog.read(1), reference.labels[STEMS[1]])
 
 
 # ------------------------------------------------------- publication cut short, in process
@@ -245,9 +250,10 @@ def test_publication_finishes_from_any_point(cut: str, reference: Reference,
     The work folder is rebuilt from the reference's published outputs: the store moved
     back into the work folder, and publishing.json as the first step writes it.
 
-    Teeth: publish() without its "store already in place" branch fails "after-store"
-    with "labels.zarr does not exist" (the intermittent failure of the poisoned-tile
-    test); without the cog_matches() branch "after-cog-move" fails.
+    Teeth: publish() moving the store whether or not it is in place already fails
+    "after-store" and "after-cog-move" with "cannot publish scene-000 ...: No such file or
+    directory" (the intermittent failure of the poisoned-tile test); moving the COG
+    whether or not it is in place fails "after-cog-move" the same way.
     """
     out = tmp_path / "out"
     shutil.copytree(reference.out, out)
@@ -280,3 +286,30 @@ def test_publication_finishes_from_any_point(cut: str, reference: Reference,
     with rasterio.open(out / f"{stem}.tif") as cog:
         assert np.array_equal(cog.read(1), reference.labels[stem])
     assert record.published_as(digest) is not None
+
+
+def test_verify_checks_every_published_scene_and_never_passes_on_nothing(
+        reference: Reference, tmp_path: Path) -> None:
+    """Guarantee 6: verify checks what the journal says was published, also scenes the
+    latest manifest does not list; a folder with nothing published is not "ok".
+
+    Teeth: verify_outputs reading only the manifest's scenes: the damaged scene-000.tif,
+    dropped from the manifest, passes (exit 0).
+    """
+    out = tmp_path / "out"
+    shutil.copytree(reference.out, out)
+    data = json.loads((out / "run.json").read_text())
+    data["scenes"] = [s for s in data["scenes"] if s["stem"] != STEMS[0]]
+    (out / "run.json").write_text(json.dumps(data))
+    cog = out / f"{STEMS[0]}.tif"
+    data_bytes = bytearray(cog.read_bytes())
+    data_bytes[len(data_bytes) // 3] ^= 0x40
+    cog.write_bytes(bytes(data_bytes))
+    damaged = cli("verify", str(out))
+    assert damaged.returncode == 1, damaged.stdout
+    assert f"DAMAGED  {cog}: checksum differs" in damaged.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "run.json").write_text(json.dumps({"fcn_pipeline": "0", "scenes": []}))
+    nothing = cli("verify", str(empty))
+    assert nothing.returncode == 2 and "nothing to verify" in nothing.stderr

@@ -75,9 +75,9 @@ def test_sigkill_leaves_nothing_half_published_and_rerun_resumes(
     scene-000), "publishing" (write_cog's temporary files of scene-000 exist),
     "between-scenes" (scene-000.tif published, scene-001 not).
 
-    Teeth: write_cog writing its intermediate GeoTIFF at STEM.tif instead of a
-    temporary name: "publishing" and "between-scenes" fail with "partial scene-000.tif";
-    _prepare_work ignoring tile records (skip = frozenset()): "some-tiles",
+    Teeth: publication._make building the COG in place (at STEM.tif, not in the work
+    folder): "publishing" fails with "partial scene-000.tif"; run._prepare ignoring tile
+    records (RESUME returning frozenset()): "some-tiles",
     "publishing" and "between-scenes" fail with "recorded tiles were computed again".
     """
     out = tmp_path / "out"
@@ -109,7 +109,8 @@ def test_sigkill_leaves_nothing_half_published_and_rerun_resumes(
         status = cli("status", str(out))
         assert status.returncode == 0, status.stderr
         line = next(s for s in status.stdout.splitlines() if s.startswith(STEMS[0]))
-        assert "running" in line and f"{len(recorded[STEMS[0]])}/{TILES}" in line.replace(" ", "")
+        # No run holds the folder any more: the killed run's scene reads "stopped".
+        assert "stopped" in line and f"{len(recorded[STEMS[0]])}/{TILES}" in line.replace(" ", "")
 
     published_before = {stem: mtimes(out / f"{stem}.zarr") for stem in STEMS
                         if (out / f"{stem}.zarr" / "zarr.json").is_file()}
@@ -182,7 +183,7 @@ def test_rerun_of_a_finished_directory_skips_every_scene(finished_rerun: Rerun,
                                                         reference: Reference) -> None:
     """Guarantee 2a: same command again: every scene skipped, no cluster, outputs untouched.
 
-    Teeth: _prepare_work's skip branch disabled (every scene restarted) fails here.
+    Teeth: actions.decide's SKIP branch disabled (every scene restarted) fails here.
     """
     out, done = finished_rerun.out, finished_rerun.done
     assert done.returncode == 0, done.stderr
@@ -216,7 +217,7 @@ def test_changed_setting_is_refused_then_overwrite_recomputes(finished_rerun: Re
     """Guarantee 2b: another --tile-size is refused (exit 2, names scenes and --overwrite);
     with --overwrite the scenes are computed again with the new tiling.
 
-    Teeth: the conflict check in _prepare_work disabled: the first run exits 0.
+    Teeth: the conflict check in actions.decide disabled: the first run exits 0.
     """
     out = finished_rerun.out
     args = ["run", *map(str, reference.scenes), "--out", str(out), "--tile-size", "128",
@@ -247,7 +248,7 @@ def journal_windows(reference: Reference, tmp_path_factory: pytest.TempPathFacto
 
     scene-000: killed in publish_scene after the store was moved into place, while
     ``shutil.rmtree(work_dir)`` was removing the work folder (fingerprint.json and tile
-    records not yet removed). scene-001: killed in _prepare_work between
+    records not yet removed). scene-001: killed in run._prepare between
     ``record.start`` (fingerprint.json written) and the end of ``create_label_store``
     (only the group's zarr.json written, as ``zarr.open_group(mode="w")`` leaves it).
     """
@@ -278,7 +279,7 @@ def test_kill_while_removing_the_work_folder_of_a_published_scene(journal_window
     because its work folder was only partly removed; the leftover folder goes.
 
     Teeth: failed before commit 44096f9 (published scene computed again); fails
-    with _prepare_work's skip branch disabled.
+    with actions.decide's SKIP branch disabled.
     """
     out, done = journal_windows.out, journal_windows.done
     scene = manifest(out)[STEMS[0]]
@@ -293,7 +294,8 @@ def test_kill_while_creating_the_label_store(journal_windows: Rerun, reference: 
     """Guarantee 1, start window: a work folder whose label store was cut short by a kill
     is started again, not resumed into a scene that fails on every rerun.
 
-    Teeth: failed before commit 44096f9 (OutputError "no 'labels' array" on every rerun).
+    Teeth: failed before commit 44096f9 (OutputError "no 'labels' array" on every rerun);
+    fails with SceneRecord.store_complete() returning True.
     """
     out, done = journal_windows.out, journal_windows.done
     assert manifest(out)[STEMS[1]]["status"] == "done", done.stderr
@@ -308,7 +310,8 @@ def test_second_run_on_a_locked_directory_exits_at_once_and_sigkill_frees_the_lo
         reference: Reference, procs: Processes, tmp_path: Path) -> None:
     """Guarantee 4: one run per directory; the refusal names the holder; SIGKILL frees it.
 
-    Teeth: fcntl.flock made a no-op in pipeline.journal: the second run exits 0.
+    Teeth: fcntl.flock made a no-op in pipeline.journal: the second run exits 1 (its tasks
+    find the first run's id gone), not 2.
     """
     # A scene of 100 tiles, so that the first run is still busy when it is killed.
     made = cli("sample-scenes", str(tmp_path), "--size", "640", "--count", "1", "--seed", "3")
@@ -462,7 +465,7 @@ def test_bad_scenes_fail_alone_with_one_clear_line_each(reference: Reference,
     for name, words in BAD.items():
         stem = Path(name).stem
         lines = error_lines(done.stderr, name)
-        if len(lines) != 1 or not lines[0].startswith(f"error: {name}: ") \
+        if len(lines) != 1 or not lines[0].startswith(f"error: {name}") \
                 or not all(w in lines[0] for w in words):
             problems.append(f"{name}: {len(lines)} lines, first: {lines[:1]}")
         assert scenes[stem]["status"] == "failed"

@@ -138,7 +138,13 @@ def test_dry_run_prints_the_plan_and_computes_nothing(scenes: Path, tmp_path: Pa
 def test_auto_tile_size_is_measured_once_per_output_directory(scenes: Path,
                                                               tmp_path: Path) -> None:
     """On a CPU the model's speed per window size is measured by the first run into a
-    directory and kept there: later runs (resumes, reruns) plan the same tiles."""
+    directory and kept there; a rerun or resume of a scene keeps the tile size its
+    outputs or work were made with, whatever the figures say (the tile size is part of
+    the fingerprint: another one would be refused); new scenes follow the figures.
+
+    Teeth: choose_tiles without earlier_tile_sizes: the rerun's dry run plans the edited
+    figures' size and is refused (exit 2).
+    """
     out = tmp_path / "auto"
     scene = str(scenes / "scene-000.tif")
     dry = run_cli("run", scene, "--out", str(out), "--dry-run", "--threads-per-worker", "1")
@@ -153,17 +159,19 @@ def test_auto_tile_size_is_measured_once_per_output_directory(scenes: Path,
     (speeds,) = figures.values()
     assert speeds and all(v > 0 for v in speeds.values())
 
-    # Figures that make only the smallest window fast decide the next plan.
+    # Figures that make only the smallest window fast ...
     smallest = min(speeds, key=lambda s: int(s.split("x")[0]))
     stored.write_text(json.dumps({key: {k: (1e9 if k == smallest else 1.0) for k in v}
                                   for key, v in figures.items()}))
     again = run_cli("run", scene, "--out", str(out), "--dry-run")
-    first_line = again.stdout.splitlines()[0]
-    assert "windows at 1000.00 Mpx/s measured" in first_line, first_line
-    # Another tile size than the published outputs': the dry run says the run would be
-    # refused, and exits as the run would.
-    assert again.returncode == 2 and "--overwrite" in again.stderr
-    assert "scene-000: refused" in again.stdout
+    assert again.returncode == 0, again.stderr  # ... leave the published scene's tiles
+    assert "the size the earlier work" in again.stdout.splitlines()[0]
+    assert "scene-000: skip" in again.stdout
+    other = tmp_path / "other.tif"  # ... and decide the plan of a scene new to the folder
+    other.write_bytes(Path(scene).read_bytes())
+    new = run_cli("run", str(other), "--out", str(out), "--dry-run")
+    assert new.returncode == 0, new.stderr
+    assert "windows at 1000.00 Mpx/s measured" in new.stdout.splitlines()[0]
 
 
 def test_a_bad_scene_fails_alone(scenes: Path, tmp_path: Path) -> None:

@@ -86,8 +86,8 @@ def test_a_signal_stops_the_run_and_the_rerun_resumes(signum: int, group: bool,
 
     Teeth: without the handlers of pipeline.signals (stop_on_signals a no-op) SIGTERM
     kills the CLI with -15 and leaves the manifest "running", and SIGINT prints worker
-    tracebacks and "Aborted!" with exit 1; without the worker preload
-    (pipeline.worker_setup) the group's SIGINT prints the workers' KeyboardInterrupt.
+    tracebacks and "Aborted!" with exit 1; with workers not ignoring SIGINT
+    (worker_setup.dask_setup without SIG_IGN) their KeyboardInterrupt reaches .workers.log.
     """
     out = tmp_path / "out"
     args = reference.args(out, "--workers", "1")
@@ -99,6 +99,8 @@ def test_a_signal_stops_the_run_and_the_rerun_resumes(signum: int, group: bool,
                             time.monotonic() - sent, out)
     recorded = markers(out, STEMS[0])
     assert len(recorded) < TILES, "the run had finished before the signal"
+    log = out / WORK / ".workers.log"  # the workers' stdout and stderr (pipeline.worker_setup)
+    assert "KeyboardInterrupt" not in (log.read_text() if log.exists() else ""), log.read_text()
 
     done = cli(*args)
     assert done.returncode == 0, done.stderr

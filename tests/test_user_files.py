@@ -11,6 +11,7 @@ checked to have teeth is said in a ``Teeth:`` line in its docstring.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def test_an_output_that_would_replace_an_input_scene_is_refused(
     assert done.returncode == 2, done.stderr
     lines = other_lines(done.stderr)
     assert len(lines) == 1 and lines[0].count(str(scenes / f"{STEMS[0]}.tif")) == 2, lines
+    assert "would replace the input scene" in lines[0], lines  # not the foreign-file refusal
     assert _files(scenes) == before and not (scenes / ".fcn-pipeline").exists()
 
 
@@ -103,7 +105,7 @@ def test_unicode_names_and_colliding_names(reference: Reference, tmp_path: Path)
         shutil.copy(reference.scenes[0], scenes / name)
     out = tmp_path / "out"
     done = cli("run", *(str(scenes / n) for n in [*NAMES, "a_b.tif"]), "--out", str(out),
-               "--tile-size", "160", "--workers", "2")
+               "--tile-size", "160", "--workers", "1")
     assert done.returncode == 0, done.stderr
     scenes_out = json.loads((out / "run.json").read_text())["scenes"]
     by_scene = {Path(s["scene"]).name: s for s in scenes_out}
@@ -146,7 +148,68 @@ def test_an_existing_file_is_never_a_pattern_and_a_pattern_may_match_nothing(
     bogus.write_text("not a raster")
     failed = cli("run", str(bogus), "--out", str(tmp_path / "empty"))
     assert failed.returncode == 1
-    assert other_lines(failed.stderr) == [f"error: bogus.tif: {bogus.name} is not a raster: "
+    assert other_lines(failed.stderr) == [f"error: {bogus.name} is not a raster: "
                                           f"GDAL does not recognise its format ({bogus})"]
     assert not (tmp_path / "empty").exists()
     assert sha256(bogus)  # untouched, still there
+
+
+def test_links_in_the_journal_and_a_foreign_manifest_are_refused(reference: Reference,
+                                                                 tmp_path: Path) -> None:
+    """Guarantee 1: a run.json that is not a manifest of this tool, a .fcn-pipeline that
+    is a link (the run would delete and truncate what it points at) and a link at the
+    lock's name are refused: exit 2, one line, the user's files untouched.
+
+    Teeth: check_journal() removed from preflight: the first run replaces the user's
+    run.json; with only the journal link, it deletes the user's folder it points at.
+    """
+    out, mine = tmp_path / "out", tmp_path / "mine"
+    out.mkdir()
+    mine.mkdir()
+    (out / "run.json").write_text('{"experiment": "my own data"}')
+    args = ["run", str(reference.scenes[0]), "--out", str(out), "--tile-size", str(TILE)]
+    done = cli(*args)
+    assert done.returncode == 2 and other_lines(done.stderr) == [
+        f"error: {out / 'run.json'} is not an fcn-pipeline manifest, and a run would replace "
+        "it; move it away or choose another --out"]
+    (out / "run.json").unlink()
+    (mine / STEMS[0]).mkdir()
+    (mine / STEMS[0] / "data.txt").write_text("precious")
+    (mine / ".lock").write_text("precious")
+    os.symlink(mine, out / ".fcn-pipeline")
+    done = cli(*args)
+    assert done.returncode == 2 and "is a symbolic link" in done.stderr, done.stderr
+    (out / ".fcn-pipeline").unlink()
+    (out / ".fcn-pipeline").mkdir()
+    os.symlink(mine / ".lock", out / ".fcn-pipeline" / ".lock")
+    done = cli(*args)
+    assert done.returncode == 2 and ".lock is a symbolic link" in done.stderr, done.stderr
+    assert (mine / STEMS[0] / "data.txt").read_text() == "precious"
+    assert (mine / ".lock").read_text() == "precious"
+
+
+def test_a_pattern_over_the_output_folder_and_a_new_colliding_name(reference: Reference,
+                                                                   tmp_path: Path) -> None:
+    """Guarantees 1 and 3: `run "nest/**/*.tif" --out nest/out` works again (its own label
+    maps are no scenes); a new file whose name collides with a published scene's does not
+    take that scene's outputs: the scene keeps its stem, the new file gets the suffix.
+
+    Teeth: expand_scenes without out_dir: the rerun finds nest/out/scene-000.tif and is
+    refused (exit 2); name_outputs without the journal's owners: "a b.tif" (first by
+    path) takes "a_b" from a_b.tif.
+    """
+    nest = tmp_path / "nest"
+    (nest / "a").mkdir(parents=True)
+    shutil.copy(reference.scenes[0], nest / "a" / "a_b.tif")
+    args = ["run", str(nest / "**" / "*.tif"), "--out", str(nest / "out"), "--tile-size",
+            str(TILE), "--workers", "1"]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    shutil.copy(reference.scenes[1], nest / "a" / "a b.tif")
+    again = cli(*args, "--dry-run", "--json")
+    assert again.returncode == 0, again.stderr
+    planned = {Path(s["scene"]).name: (s["stem"], s["action"])
+               for s in json.loads(again.stdout)["scenes"]}
+    assert planned["a_b.tif"] == ("a_b", "skip")
+    assert planned["a b.tif"][0].startswith("a_b-") and planned["a b.tif"][1] == "start"
+    assert len(planned) == 2
