@@ -32,9 +32,11 @@ names the spec file and the field path (``classes[1].color``).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import sys
+import zipfile
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -543,13 +545,42 @@ def check_digest(spec: ModelSpec, digest: str) -> None:
         )
 
 
+def _format_problem(path: Path) -> str | None:
+    """What is wrong with the container of a weights file, read without torch: a
+    ``.safetensors`` file starts with the length of a JSON header that fits in the file; a
+    PyTorch ``.pt``/``.pth`` file is a zip archive (or, from torch before 1.6, a pickle)."""
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+        size = path.stat().st_size
+        if path.suffix.lower() == ".safetensors":
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= size - 8:
+                return "is not a safetensors file (no header at its start)"
+            try:
+                header = json.loads(stream.read(length))
+            except (ValueError, UnicodeDecodeError):
+                return "is not a safetensors file (its header is not JSON)"
+            return None if isinstance(header, dict) else "is not a safetensors file"
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":
+        return None
+    return "is not a PyTorch weights file (neither a zip archive nor a pickle)"
+
+
 def verify_weights(spec: ModelSpec) -> str:
-    """Check that the weights exist and match ``spec.sha256``; return their sha256.
+    """Check that the weights exist, look like weights and match ``spec.sha256``; return
+    their sha256. No torch: a bad file is a usage error before the model is loaded.
 
     A Dask client calls this once while planning, so tasks can carry the digest.
+
+    Raises:
+        ModelSpecError: the file is missing, not a regular file, not a weights file of its
+            kind, or its sha256 differs from the spec's.
     """
     if not spec.weights.is_file():
         raise missing_weights_error(spec)
+    problem = _format_problem(spec.weights)
+    if problem:
+        raise spec.error("weights", f"file {spec.weights} {problem}")
     digest = file_sha256(spec.weights)
     check_digest(spec, digest)
     return digest

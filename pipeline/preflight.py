@@ -162,8 +162,8 @@ def check_foreign_outputs(scenes: list[str], outputs: list[Outputs], out_dir: Pa
         if foreign:
             raise ConfigError(
                 f"the outputs of {scene} would replace {foreign[0]}, which fcn-pipeline did "
-                f"not make there; move it away, choose another --out, or pass --overwrite "
-                "to replace it")
+                "not make there (or which changed since it was published); move it away, "
+                "choose another --out, or pass --overwrite to replace it")
 
 
 def check_journal(out_dir: Path, stems: list[str]) -> None:

@@ -333,10 +333,30 @@ def _spec_with_weights(tmp_path: Path, content: bytes | None, sha256: str | None
     return parse_spec(spec_dict(**extra), path=tmp_path / "spec.yaml")
 
 
+#: The smallest safetensors file: an 8-byte header length, then an empty JSON header.
+WEIGHTS = (2).to_bytes(8, "little") + b"{}"
+
+
 def test_verify_weights_returns_the_digest(tmp_path: Path) -> None:
-    digest = hashlib.sha256(b"weights").hexdigest()
-    assert verify_weights(_spec_with_weights(tmp_path, b"weights", digest)) == digest
-    assert verify_weights(_spec_with_weights(tmp_path, b"weights", None)) == digest
+    digest = hashlib.sha256(WEIGHTS).hexdigest()
+    assert verify_weights(_spec_with_weights(tmp_path, WEIGHTS, digest)) == digest
+    assert verify_weights(_spec_with_weights(tmp_path, WEIGHTS, None)) == digest
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"weights", "no header at its start"),
+    ((5).to_bytes(8, "little") + b"{oops", "its header is not JSON"),
+    ((10**9).to_bytes(8, "little") + b"{}", "no header at its start"),
+])
+def test_weights_that_are_not_weights_are_a_usage_error_without_torch(
+        tmp_path: Path, content: bytes, problem: str) -> None:
+    """A damaged or foreign weights file is refused when the spec is checked (no torch).
+
+    Teeth: _format_problem returning None: verify_weights passes and the error comes
+    only when torch loads the file.
+    """
+    with pytest.raises(ModelSpecError, match=f"is not a safetensors file \\({problem}\\)"):
+        verify_weights(_spec_with_weights(tmp_path, content, None))
 
 
 def test_weights_missing_at_load_time(tmp_path: Path) -> None:
@@ -348,13 +368,13 @@ def test_weights_missing_at_load_time(tmp_path: Path) -> None:
 
 def test_sha_mismatch_names_both_digests(tmp_path: Path) -> None:
     expected = "0" * 64
-    spec = _spec_with_weights(tmp_path, b"weights", expected)
+    spec = _spec_with_weights(tmp_path, WEIGHTS, expected)
     with pytest.raises(ModelSpecError) as caught:
         verify_weights(spec)
     text = str(caught.value)
     assert text.startswith(f"{tmp_path / 'spec.yaml'}: sha256 does not match")
     assert expected in text
-    assert hashlib.sha256(b"weights").hexdigest() in text
+    assert hashlib.sha256(WEIGHTS).hexdigest() in text
 
 
 # --------------------------------------------------------------------------- normalize
