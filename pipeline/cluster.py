@@ -278,6 +278,9 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
         ConfigError: The scheduler address is malformed, unreachable, or not a
             Dask scheduler's; the message names the address and the cause.
     """
+    # The client's own warnings (a lost worker, a task retried) are the run's to report,
+    # once, as its own lines: distributed's loggers print only errors to the terminal.
+    logging.getLogger("distributed").setLevel(logging.ERROR)
     address = spec.address()
     if address:
         check_scheduler(address)

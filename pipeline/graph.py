@@ -73,7 +73,7 @@ def submit_scene(client: Client, job: SceneJob, model: ModelRef, *, batch_size: 
     token = scene_token(job, model, batch_size, probabilities)
     levels = plan.overview_levels()
     target = SceneTarget(plan.info.path, job.identity, job.out_dir, plan.outputs.stem,
-                         job.run_id, probabilities, levels)
+                         job.run_id, probabilities, levels, job.fingerprint)
     resources = {GPU_RESOURCE: 1} if gpu else None
     batches = [] if job.publish_only else plan.batches(batch_size, job.skip)
     tiles = tuple(

@@ -135,6 +135,10 @@ def publish(target: PublishTarget) -> PublishedRecord:
 
 def _publish(target: PublishTarget, record: SceneRecord) -> PublishedRecord:
     check_run(target.out_dir, target.run_id)
+    if not record.work.exists():  # run again by Dask after it finished (its result lost)
+        done = record.published_as(target.fingerprint)
+        if done is not None:
+            return done
     state = record.publishing_state()
     if state is None or state.get("fingerprint") != target.fingerprint:
         state = _make(target)

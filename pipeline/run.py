@@ -486,8 +486,8 @@ def _track(submitted: dict[int, SceneFutures], results: list[SceneResult], start
     for future in as_completed(futures):
         k, batch = owner[str(future.key)]
         result = results[k]
-        if future.status == "cancelled":
-            continue
+        if future.status == "cancelled" or result.status == "done":
+            continue  # a scene already published: nothing it does any more matters
         if future.status == "error":
             if result.status != "failed":
                 result.status = "failed"
@@ -502,6 +502,8 @@ def _track(submitted: dict[int, SceneFutures], results: list[SceneResult], start
         if batch is None:
             _finish_scene(result, stats, started, submitted[k], out_dir)
             on_scene()
+            for done in submitted[k].futures:  # so the scheduler never runs them again
+                done.release()
             continue
         result.tiles_done += stats.tiles
         done_tiles += stats.tiles

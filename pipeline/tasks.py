@@ -97,6 +97,9 @@ class SceneTarget:
     run_id: str
     probabilities: bool
     overview_levels: int = 0
+    #: The scene's fingerprint: a task Dask runs again after the scene was published
+    #: (its result was lost with a worker) finds it published and writes nothing.
+    fingerprint: str = ""
 
     @property
     def record(self) -> SceneRecord:
@@ -195,6 +198,9 @@ def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, .
     """
     start = time.perf_counter()
     check_run(target.out_dir, target.run_id)
+    record = target.record
+    if not record.work.exists() and record.published_as(target.fingerprint) is not None:
+        return BatchStats(len(tiles), 0, sum(t.core.area for t in tiles), 0.0)
     _prepare_torch(model_ref.threads)
     spec, model = cached_model(model_ref.spec_path, model_ref.sha256, model_ref.device,
                                channels_last=model_ref.channels_last, compile=model_ref.compile)
