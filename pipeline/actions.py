@@ -62,20 +62,23 @@ _WHAT = {"scene_sha256": "input", "shape": "input", "model_sha256": "model",
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What differs between two fingerprints' values, in words ("input", "tile size")."""
+    """What differs between two fingerprints' values, in words ("input", "tile size",
+    "settings (precision)")."""
     new = json.loads(json.dumps(new, default=str))  # as stored: tuples become lists
     found: list[str] = []
+    settings = [key for key, what in _WHAT.items()
+                if what == "settings" and key in old and old.get(key) != new.get(key)]
     for key, what in _WHAT.items():
         if key in old and old.get(key) != new.get(key) and what not in found:
             found.append(what)
-    return found
+    return [f"settings ({', '.join(settings)})" if w == "settings" else w for w in found]
 
 
 def _reason(old: dict[str, Any], new: dict[str, Any], made: str) -> str:
     what = _differences(old, new)
     if what == ["input"]:
         return f"{made} from another version of the scene file"
-    return f"{made} with another {' and '.join(what) or 'input, model or settings'}"
+    return f"{made} with other {' and '.join(what) or 'input, model or settings'}"
 
 
 def decide(record: SceneRecord, digest: str, values: dict[str, Any],
@@ -91,6 +94,8 @@ def decide(record: SceneRecord, digest: str, values: dict[str, Any],
     if record.published_as(digest) is not None:
         return SKIP, None
     started = record.work_fingerprint()
+    if started is not None and record.work_has_links():
+        started = None  # tampered with: a resume would write through the links
     if started is not None and started != digest:
         old = record.work_values()
         if _differences(old, values) != ["input"]:

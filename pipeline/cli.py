@@ -107,9 +107,14 @@ def inspect(models: tuple[str, ...], tile_sizes: str, as_json: bool) -> None:
 
     try:
         sizes = tuple(int(s) for s in tile_sizes.split(",") if s.strip())
+        if not sizes or not all(16 <= size <= 65536 for size in sizes):
+            raise ConfigError(f"--tile-sizes must be sizes from 16 to 65536 px, got {tile_sizes!r}")
         rows = inspect_rows(models, sizes)
-    except (ValueError, PipelineError) as exc:
+    except PipelineError as exc:
         _fail_usage(exc)
+    except ValueError as exc:
+        _fail_usage(ConfigError(f"--tile-sizes must be comma-separated numbers of pixels "
+                                f"({exc})"))
     click.echo(json.dumps(rows_as_json(rows, sizes), indent=2) if as_json
                else render_table(rows, sizes))
 
@@ -238,6 +243,7 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
             "channels_last": channels_last, "compile": compile_model,
         })
         checked = preflight(config)  # before loading torch or starting a cluster
+        _check_scheduler(config, reach=not dry_run)
         if not checked.runnable:  # every scene failed its checks: no torch needed to say so
             from pipeline.report import failed_report
 
@@ -258,10 +264,11 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
         _fail_usage(exc)
     except OutputError as exc:
         _fail(exc)
-    _show_report(report, dry_run, as_json, quiet)
+    _show_report(report, dry_run, as_json, quiet, bool(config.overwrite))
 
 
-def _show_report(report: Any, dry_run: bool, as_json: bool, quiet: bool) -> NoReturn:
+def _show_report(report: Any, dry_run: bool, as_json: bool, quiet: bool,
+                 overwrite: bool = False) -> NoReturn:
     """Print a run's outcome and exit with its code."""
     failed = [s for s in report.scenes if s.status == "failed"]
     if as_json:
@@ -288,10 +295,29 @@ def _show_report(report: Any, dry_run: bool, as_json: bool, quiet: bool) -> NoRe
 
         name = signal.Signals(report.interrupted).name
         left = sum(s.status == "interrupted" for s in report.scenes)
+        again = "start them again (--overwrite always starts from nothing)" if overwrite \
+            else "resume"
         click.echo(f"fcn-pipeline: interrupted by {name}: {left} scene(s) recorded as "
-                   "interrupted; run the same command again to resume", err=True)
+                   f"interrupted; run the same command again to {again}", err=True)
         sys.exit(128 + report.interrupted)
     sys.exit(EXIT_FAILED if failed or report.manifest_error else 0)
+
+
+def _check_scheduler(config: Any, *, reach: bool) -> None:
+    """Check the scheduler address (option, workflow or DASK_SCHEDULER_ADDRESS) before
+    torch is loaded and anything is written: its form, and with ``reach`` that a Dask
+    scheduler answers there (bounded: :data:`pipeline.cluster.CONNECT_TIMEOUT` and
+    :data:`pipeline.cluster.ANSWER_TIMEOUT`)."""
+    import os
+
+    address = config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if not address:
+        return
+    from pipeline.cluster import check_address, check_scheduler
+
+    check_address(address)
+    if reach:
+        check_scheduler(address)
 
 
 def _tile_size(text: str | None) -> int | None:
@@ -321,16 +347,26 @@ def _kubernetes(stack, config, cluster_spec: str, dry_run: bool):  # type: ignor
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--date", help="Run date for {date}, YYYY-MM-DD (default: today in UTC).")
 def validate(workflow: str, date: str | None) -> None:
-    """Check a WORKFLOW file, the files it names and its output folder; print the
-    configuration it gives, defaults filled in."""
+    """Check a WORKFLOW file with the FCN_PIPELINE_* environment, as run would: the
+    settings, the scenes it names (they exist, their headers suit the model), the model
+    spec and weights, the output folder and what it holds, the scheduler address. Print
+    the configuration it gives, defaults filled in."""
     import yaml
 
-    from pipeline.preflight import check_named_files
-    from pipeline.workflow import validate_workflow
+    from pipeline.config import resolve, values_from_env
+    from pipeline.preflight import preflight
+    from pipeline.workflow import load_workflow, validate_workflow
 
     try:
-        config = validate_workflow(workflow, date=date)
-        check_named_files(config)
+        validate_workflow(workflow, date=date)  # errors that name the file's line
+        config = resolve(load_workflow(workflow, date=date), values_from_env())
+        checked = preflight(config, digests=False)
+        failed = [c for c in checked.scenes if c.error]
+        if failed:
+            raise ConfigError(f"{failed[0].error}"
+                              + (f" (and {len(failed) - 1} more scenes fail)"
+                                 if len(failed) > 1 else ""))
+        _check_scheduler(config, reach=False)
     except PipelineError as exc:
         _fail_usage(exc)
     click.echo(yaml.safe_dump(config.to_tree(), sort_keys=False), nl=False)
@@ -537,7 +573,9 @@ def status(directory: Path, as_json: bool) -> None:
             scene["tiles_done"] = len(SceneRecord(directory.absolute(), scene["stem"]).tiles_done())
             if not live:  # no run holds the folder: the one that recorded this was killed
                 scene["status"] = "stopped"
-                scene["error"] = scene.get("error") or "the run was killed; run it again to resume"
+                scene["error"] = scene.get("error") or (
+                    "the run ended without recording this scene (killed, or its manifest "
+                    "could not be written); run it again to resume")
         scenes.append(scene)
     if as_json:
         click.echo(json.dumps({"status": manifest.get("status"), "run_id": manifest.get("run_id"),

@@ -14,6 +14,12 @@ from pipeline.errors import ConfigError
 
 SCHEMA_VERSION = 1
 DEVICES = ("auto", "cpu", "cuda")
+#: Upper bounds of sizes and counts, far beyond any machine's, so that a typo is a usage
+#: error rather than an overflow deep in a library.
+MAX_TILE = 65536
+MAX_BATCH = 4096
+MAX_THREADS = 1024
+MAX_WORKERS = 100_000
 PRECISIONS = ("fp32", "bf16", "fp16")
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -64,8 +70,16 @@ class RunConfig:
     allow_no_crs: bool = False
 
     def __post_init__(self) -> None:
-        if self.tile_size is not None and self.tile_size < 16:
-            raise ConfigError(f"tiling.tile_size must be at least 16 pixels, got {self.tile_size}")
+        if self.tile_size is not None and not 16 <= self.tile_size <= MAX_TILE:
+            raise ConfigError(f"tiling.tile_size must be from 16 to {MAX_TILE} pixels, got "
+                              f"{self.tile_size}")
+        if self.batch_size > MAX_BATCH:
+            raise ConfigError(f"tiling.batch_size must be at most {MAX_BATCH}, got "
+                              f"{self.batch_size}")
+        if self.threads_per_worker > MAX_THREADS or (self.workers or 0) > MAX_WORKERS:
+            raise ConfigError(f"compute.threads_per_worker must be at most {MAX_THREADS} and "
+                              f"compute.workers at most {MAX_WORKERS}, got "
+                              f"{self.threads_per_worker} and {self.workers}")
         if self.memory_budget is not None and self.memory_budget < 2**20:
             raise ConfigError(
                 f"tiling.memory_budget must be at least 1MiB, got {self.memory_budget} bytes"

@@ -372,6 +372,17 @@ class PublishedRecord:
                 "values": dict(self.values)}
 
 
+def has_links(folder: Path) -> bool:
+    """Whether ``folder`` is, or holds at any depth, a symbolic link (never followed)."""
+    if folder.is_symlink():
+        return True
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in (*dirs, *files):
+            if os.path.islink(os.path.join(root, name)):
+                return True
+    return False
+
+
 def listing_digest(files: Mapping[str, str]) -> str:
     """One sha256 for a store: of its sorted ``relative path -> sha256`` listing."""
     return fingerprint(dict(sorted(files.items())))
@@ -502,13 +513,32 @@ class SceneRecord:
 
     def published_as(self, digest: str) -> PublishedRecord | None:
         """The record when the outputs in place are this tool's publication of ``digest``
-        (record, store attribute and COG size and mtime all agree), else None."""
+        and intact: the record, the store's attribute, the COG (size and time, or content)
+        and every file of the store (its checksum) agree; else None."""
         record = self.published_record()
         if record is None or record.fingerprint != digest:
             return None
         if self.store_fingerprint() != digest or not cog_matches(self.published_cog, record.cog):
             return None
+        if not self._store_intact(record):
+            return None
         return record
+
+    def _store_intact(self, record: PublishedRecord) -> bool:
+        """Whether the published store holds exactly the files recorded, unchanged."""
+        store = self.published_store
+        if has_links(store):
+            return False
+        try:
+            files = {rel: file_digest(store / rel) for rel in store_files(store)}
+        except OSError:
+            return False
+        return listing_digest(files) == record.zarr.get("sha256")
+
+    def work_has_links(self) -> bool:
+        """Whether a link lies anywhere in the work folder: never made by this tool, and one
+        a resume would follow out of the output folder (the work is then started again)."""
+        return has_links(self.work)
 
     # ----------------------------------------------------------------- changes
 

@@ -16,6 +16,7 @@ import os
 import pickle
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,9 @@ def _state_dict(spec: ModelSpec, data: bytes) -> Mapping[str, torch.Tensor]:
             ) from exc
     try:
         # weights_only=True: tensors and plain containers only, never arbitrary pickle.
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on legacy files: not ours to print
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "WeightsUnpickler" not in str(exc):
             raise ModelError(
@@ -254,7 +257,8 @@ def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
     """The first sentence of torch's WeightsUnpickler complaint, without its allowlist advice."""
     for line in str(exc).splitlines():
         if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(". ", 1)[0].strip()
+            reason = line.split("WeightsUnpickler error:", 1)[1].split(". ", 1)[0].strip()
+            return reason or "unsupported content"
     return "unsupported content"
 
 

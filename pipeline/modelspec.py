@@ -560,7 +560,15 @@ def _format_problem(path: Path) -> str | None:
                 header = json.loads(stream.read(length))
             except (ValueError, UnicodeDecodeError):
                 return "is not a safetensors file (its header is not JSON)"
-            return None if isinstance(header, dict) else "is not a safetensors file"
+            if not isinstance(header, dict):
+                return "is not a safetensors file"
+            ends = [entry["data_offsets"][1] for entry in header.values()
+                    if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+                    and len(entry["data_offsets"]) == 2]
+            if ends and max(ends) > size - 8 - length:
+                return (f"is cut short: its tensors end at byte {8 + length + max(ends)}, "
+                        f"the file at {size}")
+            return None
     if zipfile.is_zipfile(path) or head[:1] == b"\x80":
         return None
     return "is not a PyTorch weights file (neither a zip archive nor a pickle)"
@@ -576,6 +584,8 @@ def verify_weights(spec: ModelSpec) -> str:
         ModelSpecError: the file is missing, not a regular file, not a weights file of its
             kind, or its sha256 differs from the spec's.
     """
+    if spec.weights.exists() and not spec.weights.is_file():
+        raise spec.error("weights", f"{spec.weights} is not a regular file")
     if not spec.weights.is_file():
         raise missing_weights_error(spec)
     problem = _format_problem(spec.weights)

@@ -75,6 +75,7 @@ def expand_scenes(arguments: tuple[str, ...] | list[str],
         raise ConfigError(
             "no scenes given: pass scene files or patterns, or set scenes in a workflow")
     seen: dict[str, None] = {}
+    real: set[str] = set()  # one file named twice (through a link) is labelled once
     for argument in arguments:
         if os.path.lexists(argument) or not glob.has_magic(argument):
             matches = [argument]
@@ -87,5 +88,8 @@ def expand_scenes(arguments: tuple[str, ...] | list[str],
                 where = " outside the output folder" if found else ""
                 raise ConfigError(f"{argument}: pattern matched no file{where}")
         for path in matches:
-            seen.setdefault(os.path.abspath(path), None)
+            target = os.path.realpath(path)
+            if target not in real or not os.path.exists(target):
+                real.add(target)
+                seen.setdefault(os.path.abspath(path), None)
     return list(seen)

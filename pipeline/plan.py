@@ -67,7 +67,9 @@ def name_outputs(scenes: list[str], out_dir: Path,
     case-insensitive file systems) are told apart deterministically: the scene that
     ``owners`` (stem -> scene path, from the output folder's journal) says has the
     stem already keeps it, else the first in the order of absolute paths; each other
-    one gets ``-`` and 8 hexadecimal digits of the sha256 of its absolute path.
+    one gets ``-`` and 8 hexadecimal digits of the sha256 of its absolute path. A
+    scene whose stem belongs to another file that still exists (an earlier run's) gets
+    the suffix too, even alone: it never takes over that file's outputs.
     """
     owners = owners or {}
     stems = [output_stem(s) for s in scenes]
@@ -77,7 +79,10 @@ def name_outputs(scenes: list[str], out_dir: Path,
     for members in groups.values():
         ordered = sorted(members, key=lambda k: (
             os.path.abspath(scenes[k]) != owners.get(stems[k]), os.path.abspath(scenes[k])))
-        for k in ordered[1:]:
+        owner = owners.get(stems[ordered[0]])
+        taken = owner is not None and owner != os.path.abspath(scenes[ordered[0]]) \
+            and os.path.exists(owner)
+        for k in ordered if taken else ordered[1:]:
             stems[k] = f"{stems[k]}-{_digest(os.path.abspath(scenes[k]))}"
     return [Outputs(stem, out_dir / f"{stem}.zarr", out_dir / f"{stem}.tif") for stem in stems]
 

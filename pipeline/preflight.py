@@ -99,6 +99,9 @@ def check_output_dir(out_dir: Path) -> None:
         ConfigError: one line naming the path and the cause (a file in the way, no
             permission, a read-only file system).
     """
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise ConfigError(f"--out {out_dir}: it is a link to a missing folder "
+                          f"({os.readlink(out_dir)})")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir}: it is a file, not a folder")
     if out_dir.is_dir():
@@ -191,7 +194,7 @@ def check_journal(out_dir: Path, stems: list[str]) -> None:
     manifest = out_dir / MANIFEST
     if manifest.exists():
         data = read_json(manifest) if manifest.is_file() else None
-        if not (isinstance(data, dict) and "fcn_pipeline" in data) and manifest.stat().st_size:
+        if not (isinstance(data, dict) and "fcn_pipeline" in data):
             raise ConfigError(f"{manifest} is not an fcn-pipeline manifest, and a run would "
                               "replace it; move it away or choose another --out")
 
@@ -297,20 +300,3 @@ def save_digests(checked: Preflight) -> None:
         if check.digest is not None and check.identity is not None:
             cache.remember(check.path, check.digest, check.identity)
     cache.save()
-
-
-def check_named_files(config: RunConfig) -> None:
-    """What ``fcn-pipeline validate`` checks beyond the configuration itself: the scenes
-    exist (patterns match), the model spec and its weights can be read, and the output
-    folder is writable or can be created.
-
-    Raises:
-        ConfigError, ModelSpecError: one line naming the first problem found.
-    """
-    paths = expand_scenes(config.scenes, output_dir(config))
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConfigError(f"scene {missing[0]} does not exist or is not a file{more}")
-    load_model_spec(config)
-    check_output_dir(output_dir(config))

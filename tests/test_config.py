@@ -21,7 +21,7 @@ def test_tree_round_trip_and_defaults(tmp_path) -> None:
     ({"schema": 1, "colour": 1}, "colour is not a known setting"),
     ({"schema": 1, "tiling": {"tile": 5}}, "tiling.tile is not a known setting"),
     ({"schema": 1, "tiling": {"tile_size": "big"}}, "tiling.tile_size must be int"),
-    ({"schema": 1, "tiling": {"tile_size": 8}}, "at least 16"),
+    ({"schema": 1, "tiling": {"tile_size": 8}}, "from 16"),
     ({"schema": 1, "compute": {"device": "tpu"}}, "compute.device"),
     ({"schema": 1, "compute": {"workers": 0}}, "compute.workers"),
 ])
@@ -81,3 +81,29 @@ def test_tile_size_auto_and_memory_budget_units() -> None:
     assert resolve(values_from_env({"FCN_PIPELINE_TILING_TILE_SIZE": "auto"})).tile_size is None
     with pytest.raises(ConfigError, match="memory_budget"):
         values_from_tree({"schema": 1, "tiling": {"memory_budget": "lots"}})
+
+
+def test_a_new_file_never_takes_the_stem_of_an_earlier_scene(tmp_path) -> None:
+    """A scene whose stem belongs to another, still existing file of an earlier run gets
+    the suffix even alone; once that file is gone, the stem is free again.
+
+    Teeth: name_outputs ignoring owners outside a collision: "a b.tif" takes "a_b".
+    """
+    (tmp_path / "a_b.tif").write_bytes(b"")
+    (tmp_path / "a b.tif").write_bytes(b"")
+    owners = {"a_b": str(tmp_path / "a_b.tif")}
+    assert name_outputs([str(tmp_path / "a b.tif")], tmp_path, owners)[0].stem.startswith("a_b-")
+    assert name_outputs([str(tmp_path / "a_b.tif")], tmp_path, owners)[0].stem == "a_b"
+    (tmp_path / "a_b.tif").unlink()
+    assert name_outputs([str(tmp_path / "a b.tif")], tmp_path, owners)[0].stem == "a_b"
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"tile_size": 2_000_000_000}, "tiling.tile_size must be from 16"),
+    ({"batch_size": 10**14}, "tiling.batch_size must be at most"),
+    ({"threads_per_worker": 10**13}, "compute.threads_per_worker must be at most"),
+])
+def test_absurd_sizes_are_usage_errors(values, words) -> None:
+    """Teeth: without the upper bounds the values reach torch and overflow there."""
+    with pytest.raises(ConfigError, match=words):
+        resolve(values)

@@ -95,12 +95,15 @@ def test_usage_errors_are_found_without_loading_torch(reference: Reference,
                                        "--model", str(tmp_path / "missing.yaml")],
         "would replace the input scene": ["run", str(reference.scenes[0]), "--out",
                                           str(reference.scenes[0].parent)],
+        "has the scheme 'http'": ["run", str(reference.scenes[0]), "--out",
+                                  str(tmp_path / "o3"), "--scheduler", "http://127.0.0.1:8787"],
     }
     for words, args in cases.items():
         done = cli(*args, env=env)
         assert done.returncode == 2, (words, done.stderr)
         lines = other_lines(done.stderr)
         assert len(lines) == 1 and words in lines[0], (words, lines)
+    assert not (tmp_path / "o3").exists()  # a bad scheduler address writes nothing
 
 
 @pytest.mark.parametrize("size", ["200k", "400k"])

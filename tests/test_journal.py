@@ -319,3 +319,54 @@ def test_verify_checks_every_published_scene_and_never_passes_on_nothing(
     (empty / "run.json").write_text(json.dumps({"fcn_pipeline": "0", "scenes": []}))
     nothing = cli("verify", str(empty))
     assert nothing.returncode == 2 and "nothing to verify" in nothing.stderr
+
+
+def test_links_inside_unfinished_work_are_never_followed(reference: Reference,
+                                                         procs: Processes,
+                                                         tmp_path: Path) -> None:
+    """Guarantee 1 and 6: a link planted inside a scene's unfinished work (where a chunk
+    folder was) is never written through: the work is started again, the user's folder
+    it points at is untouched, the outputs are exact.
+
+    Teeth: decide() without work_has_links(): the resume writes chunks into the victim
+    folder and publishes a store holding the link.
+    """
+    out = tmp_path / "out"
+    recorded = _interrupted_run(reference, procs, out, tmp_path / "first")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "0").write_text("USER DATA")
+    rows = out / WORK / STEMS[0] / "labels.zarr" / "labels" / "c"
+    last = max(i for i, _ in recorded)
+    target = rows / str(last + 1)
+    if target.exists():
+        shutil.rmtree(target)
+    os.symlink(victim, target)
+    done = cli(*reference.args(out, "--workers", "1"))
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in victim.iterdir()] == ["0"]
+    assert (victim / "0").read_text() == "USER DATA"
+    assert manifest(out)[STEMS[0]]["action"] == "start"
+    for stem in STEMS:
+        reference.assert_same(out, stem)
+
+
+def test_a_damaged_published_store_is_computed_again(reference: Reference,
+                                                     tmp_path: Path) -> None:
+    """Guarantee 6: a published store whose chunk changed is not skipped as published: the
+    rerun computes the scene again and the outputs are exact again.
+
+    Teeth: published_as() without _store_intact(): the rerun skips scene-000 and its
+    damaged chunk stays.
+    """
+    out = tmp_path / "out"
+    shutil.copytree(reference.out, out)
+    chunk = next(p for p in sorted((out / f"{STEMS[0]}.zarr" / "labels" / "c").rglob("*"))
+                 if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 0xFF]))
+    done = cli(*reference.args(out, "--workers", "1"))
+    assert done.returncode == 0, done.stderr
+    scenes = manifest(out)
+    assert scenes[STEMS[0]]["action"] == "start" and scenes[STEMS[1]]["action"] == "skip"
+    for stem in STEMS:
+        reference.assert_same(out, stem)

@@ -513,3 +513,11 @@ def test_model_input_checks_the_mask_shape() -> None:
     spec = _normalization_spec(1.0, [0, 0, 0], [1, 1, 1])
     with pytest.raises(ValueError, match=r"valid shaped \(4, 4\) \(rows, cols\), got \(4, 5\)"):
         model_input(np.zeros((3, 4, 4), np.uint8), np.ones((4, 5), bool), spec)
+
+
+def test_truncated_safetensors_are_refused_without_torch(tmp_path: Path) -> None:
+    """Teeth: _format_problem not comparing the tensors' end with the file's: passes."""
+    header = b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'
+    content = len(header).to_bytes(8, "little") + header + b"\0" * 10  # 6 bytes short
+    with pytest.raises(ModelSpecError, match="is cut short"):
+        verify_weights(_spec_with_weights(tmp_path, content, None))

@@ -152,7 +152,9 @@ def test_a_closed_port_is_refused_within_the_bound(closed_port: int,
     address = f"tcp://127.0.0.1:{closed_port}"
     message, elapsed = refusal(address)
     assert message.startswith(f"cannot reach the Dask scheduler at {address}")
-    assert "Connection refused" in message
+    # The cause, or (distributed retrying a refused port on a busy machine until the
+    # timeout) the bound that ended the wait.
+    assert "Connection refused" in message or "no connection within" in message
     assert elapsed < short_timeouts
 
 

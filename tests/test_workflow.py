@@ -184,30 +184,45 @@ def test_precedence_file_then_environment_then_command_line(tmp_path: Path) -> N
 
 
 def test_validate_checks_the_files_a_workflow_names(tmp_path: Path) -> None:
-    """`fcn-pipeline validate` also checks that scenes exist (patterns match), the model
-    spec can be read and the output folder is writable: exit 2, one line each.
+    """`fcn-pipeline validate` checks what `run` would refuse, before anything runs: scenes
+    exist (patterns match) and suit the model, the spec can be read, the output folder is
+    writable and holds no file this tool did not make, the FCN_PIPELINE_* environment is
+    valid: exit 2, one line each; a good workflow exits 0 and creates nothing.
 
-    Teeth: check_named_files() not called by the validate command: every case exits 0.
+    Teeth: the validate command without preflight(): the missing scene, the user's file
+    in the output folder and the bad environment all exit 0.
     """
+    import numpy as np
+    import rasterio
+    from rasterio.transform import Affine
+
     from tests.conftest import run_cli
 
     scene = tmp_path / "scene.tif"
-    scene.write_bytes(b"")  # exists: validate does not read rasters
+    with rasterio.open(scene, "w", driver="GTiff", width=32, height=32, count=3,
+                       dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(10, 0, 500000, 0, -10, 4600000)) as dst:
+        dst.write(np.zeros((3, 32, 32), np.uint8))
     blocker = tmp_path / "file"
     blocker.write_text("x")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "scene.tif").write_text("the user's own file")
+    good = f"scenes: [{scene}]\noutput: {tmp_path}/o\n"
     cases = {
-        "pattern matched no file": f"scenes: {tmp_path}/none/*.tif\noutput: {tmp_path}/o\n",
-        "does not exist": f"scenes: [{tmp_path}/missing.tif]\noutput: {tmp_path}/o\n",
-        "cannot read the model spec": f"scenes: [{scene}]\noutput: {tmp_path}/o\n"
-                                      f"model: {tmp_path}/missing.yaml\n",
-        f"{blocker} is a file": f"scenes: [{scene}]\noutput: {blocker}/out\n",
+        "pattern matched no file": (f"scenes: {tmp_path}/none/*.tif\noutput: {tmp_path}/o\n",
+                                    {}),
+        "no such file": (f"scenes: [{tmp_path}/missing.tif]\noutput: {tmp_path}/o\n", {}),
+        "cannot read the model spec": (good + f"model: {tmp_path}/missing.yaml\n", {}),
+        f"{blocker} is a file": (f"scenes: [{scene}]\noutput: {blocker}/out\n", {}),
+        "which fcn-pipeline did not make": (f"scenes: [{scene}]\noutput: {taken}\n", {}),
+        "compute.workers": (good, {"FCN_PIPELINE_COMPUTE_WORKERS": "0"}),
     }
-    for words, body in cases.items():
-        done = run_cli("validate", str(write(tmp_path, "schema: 1\n" + body)))
+    for words, (body, env) in cases.items():
+        done = run_cli("validate", str(write(tmp_path, "schema: 1\n" + body)), env=env)
         assert done.returncode == 2, (words, done.stdout, done.stderr)
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and words in lines[0], (words, lines)
-    good = run_cli("validate", str(write(tmp_path, f"schema: 1\nscenes: [{scene}]\n"
-                                                    f"output: {tmp_path}/o\n")))
-    assert good.returncode == 0, good.stderr
+    ok = run_cli("validate", str(write(tmp_path, "schema: 1\n" + good)))
+    assert ok.returncode == 0, ok.stderr
     assert not (tmp_path / "o").exists()
