@@ -175,7 +175,13 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 @click.option("--batch-size", type=int, help="Tiles per task and per forward pass (default 1).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default auto.")
 @click.option("--scheduler", help="Dask scheduler address (else DASK_SCHEDULER_ADDRESS, else an "
-              "embedded cluster).")
+              "embedded cluster); tls://HOST:PORT with the --tls-* files.")
+@click.option("--tls-ca-file", help="PEM file of the CA that signed a tls:// scheduler's "
+              "certificate.")
+@click.option("--tls-cert", help="PEM certificate this client shows a tls:// scheduler.")
+@click.option("--tls-key", help="PEM private key of --tls-cert (unless that file holds it).")
+@click.option("--listen", help="Interface the embedded cluster binds to (default 127.0.0.1; "
+              "another lets other hosts run code in its workers).")
 @click.option("--cluster", type=click.Choice(["kubernetes"]),
               help="Create an ephemeral Dask cluster for this run "
                    "(needs fcn-pipeline[kubernetes]).")
@@ -209,7 +215,8 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow: str | None,
         date: str | None, tile_size: str | None, memory_budget: str | None,
         batch_size: int | None, device: str | None,
-        scheduler: str | None, cluster: str | None, cluster_spec: str | None,
+        scheduler: str | None, tls_ca_file: str | None, tls_cert: str | None,
+        tls_key: str | None, listen: str | None, cluster: str | None, cluster_spec: str | None,
         workers: int | None, threads_per_worker: int | None, precision: str | None,
         channels_last: bool | None, compile_model: bool | None, gpu_resource: bool | None,
         probabilities: bool | None, allow_no_crs: bool | None, overwrite: bool | None,
@@ -237,7 +244,9 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
             "scenes": tuple(scenes) or None, "output": output, "model": model,
             "tile_size": _tile_size(tile_size), "batch_size": batch_size, "device": device,
             "memory_budget": parse_bytes(memory_budget) if memory_budget else None,
-            "scheduler": scheduler, "workers": workers, "threads_per_worker": threads_per_worker,
+            "scheduler": scheduler, "tls_ca_file": tls_ca_file, "tls_cert": tls_cert,
+            "tls_key": tls_key, "listen": listen,
+            "workers": workers, "threads_per_worker": threads_per_worker,
             "probabilities": probabilities, "allow_no_crs": allow_no_crs, "overwrite": overwrite,
             "gpu_resource": gpu_resource, "precision": precision,
             "channels_last": channels_last, "compile": compile_model,
@@ -306,18 +315,20 @@ def _show_report(report: Any, dry_run: bool, as_json: bool, quiet: bool,
 def _check_scheduler(config: Any, *, reach: bool) -> None:
     """Check the scheduler address (option, workflow or DASK_SCHEDULER_ADDRESS) before
     torch is loaded and anything is written: its form, and with ``reach`` that a Dask
-    scheduler answers there (bounded: :data:`pipeline.cluster.CONNECT_TIMEOUT` and
-    :data:`pipeline.cluster.ANSWER_TIMEOUT`)."""
+    scheduler answers there, over TLS with the --tls-* files (bounded:
+    :data:`pipeline.cluster.CONNECT_TIMEOUT` and :data:`pipeline.cluster.ANSWER_TIMEOUT`)."""
     import os
 
     address = config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if not address:
         return
-    from pipeline.cluster import check_address, check_scheduler
+    from pipeline.cluster import ClusterSpec, check_address, check_scheduler
+    from pipeline.tls import tls_files
 
     check_address(address)
     if reach:
-        check_scheduler(address)
+        tls = tls_files(config.tls_ca_file, config.tls_cert, config.tls_key)
+        check_scheduler(address, ClusterSpec(address, tls=tls).security())
 
 
 def _tile_size(text: str | None) -> int | None:

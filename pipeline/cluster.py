@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import ssl
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from distributed.security import Security
 
 from pipeline.config import usable_cores
 from pipeline.errors import ConfigError
+from pipeline.tls import CA_SETTING, CERT_SETTING, TlsFiles, is_tls
 from pipeline.worker_setup import WORKER_LOG_ENV
 
 #: The Dask resource that inference tasks ask for on a GPU run.
@@ -40,10 +42,23 @@ class ClusterSpec:
     #: C libraries such as libtiff's "No space left on device" among them), instead of
     #: the terminal: the run reports each failure once, in one line. None: inherited.
     worker_log: str | None = None
+    #: The interface the embedded cluster's scheduler, dashboard, nannies and workers
+    #: bind to: the loopback unless widened (``compute.listen``).
+    listen: str = "127.0.0.1"
+    #: The files this client shows a ``tls://`` scheduler (checked by ``pipeline.tls``).
+    tls: TlsFiles | None = None
 
     def address(self) -> str | None:
         """The scheduler address from the spec, else ``DASK_SCHEDULER_ADDRESS``."""
         return self.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+    def security(self) -> Security:
+        """distributed's client security: mutual TLS with :attr:`tls` (encryption
+        required), else Dask's configuration."""
+        if self.tls is None:
+            return Security()
+        return Security(require_encryption=True, tls_ca_file=self.tls.ca_file,
+                        tls_client_cert=self.tls.cert, tls_client_key=self.tls.key)
 
 
 def default_workers(threads_per_worker: int, gpu: bool) -> int:
@@ -177,8 +192,9 @@ def _system_cause(exc: BaseException) -> str | None:
     return None
 
 
-def _identity(address: str) -> object:
-    """What the server at ``address`` says it is, asked the way distributed's rpc asks.
+def _identity(address: str, security: Security) -> object:
+    """What the server at ``address`` says it is, asked the way distributed's rpc asks
+    (with ``security``'s client TLS context for a ``tls://`` address).
 
     Bounded: distributed retries the connection for :data:`CONNECT_TIMEOUT`, then
     waits for the handshake's answer without a limit; the whole exchange gets
@@ -186,7 +202,7 @@ def _identity(address: str) -> object:
     of its own (the caller may be running a loop), which is left behind if even
     the loop's shutdown hangs (a name lookup that never returns).
     """
-    args = Security().get_connection_args("client")  # what Client uses by default
+    args = security.get_connection_args("client")  # what Client uses
 
     async def ask() -> object:
         comm = await comm_connect(address, timeout=CONNECT_TIMEOUT, **args)
@@ -210,25 +226,47 @@ def _identity(address: str) -> object:
         pool.shutdown(wait=False)
 
 
-def check_scheduler(address: str) -> None:
+def _ask(address: str, security: Security) -> object:
+    """:func:`_identity`; with a ``tls://`` address, a TLS error or a connection closed
+    by the server (how a scheduler refuses a certificate it does not trust, often before
+    the TLS alert arrives) is a ConfigError that names the certificate settings."""
+    try:
+        return _identity(address, security)
+    except Exception as exc:
+        tls = next((e for e in _chain(exc) if isinstance(e, ssl.SSLError)), None)
+        if not is_tls(address) or (tls is None and not isinstance(exc, CommClosedError)):
+            raise
+        cause = (tls.reason or type(tls).__name__) if tls is not None else _cause(exc)
+        raise ConfigError(
+            f"the TLS handshake with the Dask scheduler at {address} failed ({cause}): check "
+            f"that {CA_SETTING} is the CA that signed the scheduler's certificate and that "
+            f"the scheduler trusts the CA that signed {CERT_SETTING}") from exc
+
+
+def check_scheduler(address: str, security: Security | None = None) -> None:
     """Check that a Dask scheduler answers at ``address``, in bounded time.
 
     distributed's own connection, given a server that is not a Dask scheduler
     (an HTTP server, say), waits for its answer forever or reads its bytes as
     a message of exabytes; this asks the server's identity within
-    :data:`CONNECT_TIMEOUT` plus :data:`ANSWER_TIMEOUT` seconds instead.
+    :data:`CONNECT_TIMEOUT` plus :data:`ANSWER_TIMEOUT` seconds instead, with
+    ``security`` (default: Dask's configuration) as :class:`Client` would.
 
     Raises:
         ConfigError: The address is malformed (:func:`check_address`), nothing
             accepts a connection there within :data:`CONNECT_TIMEOUT` (nothing
-            listens, the host is unknown or unreachable), or what answers is not
-            a Dask scheduler (it closes the connection, answers something else,
-            nothing, or is a Dask worker).
+            listens, the host is unknown or unreachable), the TLS handshake fails
+            (the scheduler's certificate is not signed by our CA, or ours not by
+            the one it trusts), or what answers is not a Dask scheduler (it
+            closes the connection, answers something else, nothing, or is a Dask
+            worker).
     """
     check_address(address)
     scheduler_port = "the scheduler's address (usually port 8786, not the dashboard's 8787)"
     try:
-        reply = _identity(address)
+        reply = _ask(address, security or Security())
+    except ConfigError:
+        raise
     except asyncio.TimeoutError:  # before OSError: from Python 3.11 it is one
         raise ConfigError(
             f"{address} did not answer as a Dask scheduler within "
@@ -238,6 +276,8 @@ def check_scheduler(address: str) -> None:
         raise ConfigError(
             f"{address} closed the connection without answering as a Dask scheduler "
             f"({_cause(exc)}); check that it is {scheduler_port}"
+            + ("" if is_tls(address) else
+               f", and whether the scheduler asks for TLS (then tls:// and {CA_SETTING}, ...)")
         ) from exc
     except OSError as exc:
         reason = _system_cause(exc)
@@ -272,20 +312,25 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
 
     With a scheduler address (:meth:`ClusterSpec.address`), the address is
     checked and the scheduler asked who it is first (:func:`check_scheduler`),
-    so that a wrong address fails in bounded time, in one line.
+    so that a wrong address fails in bounded time, in one line; with TLS files
+    (:attr:`ClusterSpec.tls`) both connections are mutual TLS, encryption
+    required. Without an address, an embedded cluster bound to
+    :attr:`ClusterSpec.listen`.
 
     Raises:
-        ConfigError: The scheduler address is malformed, unreachable, or not a
-            Dask scheduler's; the message names the address and the cause.
+        ConfigError: The scheduler address is malformed, unreachable, not a
+            Dask scheduler's, or the TLS handshake with it fails; the message
+            names the address and the cause.
     """
     # The client's own warnings (a lost worker, a task retried) are the run's to report,
     # once, as its own lines: distributed's loggers print only errors to the terminal.
     logging.getLogger("distributed").setLevel(logging.ERROR)
     address = spec.address()
     if address:
-        check_scheduler(address)
+        security = spec.security()
+        check_scheduler(address, security)
         try:
-            client = Client(address, timeout=f"{CONNECT_TIMEOUT}s")
+            client = Client(address, security=security, timeout=f"{CONNECT_TIMEOUT}s")
         except (OSError, asyncio.TimeoutError) as exc:
             raise ConfigError(
                 f"cannot connect to the Dask scheduler at {address} ({_cause(exc)}); check "
@@ -302,9 +347,12 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
             n_workers=workers,
             threads_per_worker=spec.threads_per_worker,
             processes=True,
-            # A free port for the dashboard (and the scheduler's HTTP routes), so
-            # concurrent runs on one machine never fight over 8787.
-            dashboard_address=":0",
+            # Scheduler, nannies and workers, and the dashboard (with the scheduler's
+            # unauthenticated HTTP routes) on the loopback unless widened: anyone who
+            # reaches a Dask scheduler runs code in its workers. A free port for the
+            # dashboard, so concurrent runs on one machine never fight over 8787.
+            host=spec.listen,
+            dashboard_address=f"{spec.listen}:0",
             resources={GPU_RESOURCE: 1} if spec.gpu else None,
             silence_logs=logging.CRITICAL,  # a failed tile is reported once, by the run
             preload=["pipeline.worker_setup"],  # Ctrl-C is the run's to handle

@@ -6,6 +6,7 @@ order of precedence from lowest to highest. Unknown keys are rejected.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -21,6 +22,8 @@ MAX_BATCH = 4096
 MAX_THREADS = 1024
 MAX_WORKERS = 100_000
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: A host name or IPv4 address (compute.listen).
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
@@ -35,6 +38,10 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
     "compute": {
         "device": ("device", str),
         "scheduler": ("scheduler", str),
+        "listen": ("listen", str),
+        "tls_ca_file": ("tls_ca_file", str),
+        "tls_cert": ("tls_cert", str),
+        "tls_key": ("tls_key", str),
         "workers": ("workers", int),
         "threads_per_worker": ("threads_per_worker", int),
         "gpu_resource": ("gpu_resource", bool),
@@ -59,6 +66,11 @@ class RunConfig:
     memory_budget: int | None = None
     device: str = "auto"
     scheduler: str | None = None
+    #: The interface the embedded cluster's scheduler, dashboard and workers bind to.
+    listen: str = "127.0.0.1"
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     workers: int | None = None
     threads_per_worker: int = 1
     gpu_resource: bool | None = None
@@ -96,6 +108,10 @@ class RunConfig:
             )
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"compute.workers must be at least 1, got {self.workers}")
+        if not _HOST.fullmatch(self.listen):
+            raise ConfigError(f"compute.listen must be a host name or IPv4 address, without a "
+                              f"port, to bind the embedded cluster to (127.0.0.1, 0.0.0.0), got "
+                              f"{self.listen!r}")
         if self.threads_per_worker < 1:
             raise ConfigError(
                 f"compute.threads_per_worker must be at least 1, got {self.threads_per_worker}"
@@ -197,6 +213,7 @@ def values_from_tree(tree: Mapping[str, Any], source: str = "config") -> dict[st
                     )
                 attr, kind = _LAYOUT[key][sub]
                 if sub_value is None and attr in ("scheduler", "workers", "gpu_resource",
+                                                  "tls_ca_file", "tls_cert", "tls_key",
                                                   "channels_last",
                                                   "memory_budget"):
                     continue

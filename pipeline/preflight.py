@@ -3,6 +3,7 @@
 Usage errors must answer at once, and a run must never destroy what it did not
 make. So before the first import of torch, :func:`preflight`:
 
+- checks the TLS files a ``tls://`` scheduler needs (:func:`pipeline.tls.check_tls`);
 - expands the scene arguments as users type them (:func:`expand_scenes`);
 - reads the model spec and checks its weights file;
 - checks that the output folder is, or can be made, a writable folder, without
@@ -49,6 +50,7 @@ from pipeline.plan import Outputs, name_outputs
 from pipeline.readers import check_bands, open_scene
 from pipeline.scene import SceneInfo, nodata_problem
 from pipeline.signals import check_signals
+from pipeline.tls import check_tls, tls_files
 
 
 @dataclass(frozen=True)
@@ -255,11 +257,14 @@ def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
         The checked scenes: each with its header and outputs, or its one-line error.
 
     Raises:
-        ConfigError, ModelSpecError: a usage error (one line): no scenes, a pattern
+        ConfigError, ModelSpecError: a usage error (one line): TLS settings that do not
+            suit the scheduler address or files that cannot serve, no scenes, a pattern
             that matched nothing, a bad spec or weights file, an output folder that is
             not writable, outputs that would replace an input scene or a file this tool
             did not make (without ``--overwrite``), another run holding the folder.
     """
+    check_tls(config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"),
+              tls_files(config.tls_ca_file, config.tls_cert, config.tls_key))
     out_dir = output_dir(config)
     paths = expand_scenes(config.scenes, out_dir)
     spec, weights_sha256 = load_model_spec(config)

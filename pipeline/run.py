@@ -72,6 +72,7 @@ from pipeline.tiling import (
     choose_tiles,
     task_memory,
 )
+from pipeline.tls import tls_files
 from pipeline.writers import LabelStoreSpec, create_label_store, create_overview_store
 
 #: The plan text of a run none of whose scenes can run.
@@ -394,7 +395,8 @@ def _work(config: RunConfig, checked: Preflight, scenes: list[_Scene],
     )
     gpu = device == "cuda" if config.gpu_resource is None else config.gpu_resource
     cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker, gpu=gpu,
-                          worker_log=str(out_dir / WORK / WORKER_LOG))
+                          worker_log=str(out_dir / WORK / WORKER_LOG), listen=config.listen,
+                          tls=tls_files(config.tls_ca_file, config.tls_cert, config.tls_key))
     with connect(cluster) as client:
         services = client.scheduler_info().get("services", {})
         dashboard = client.dashboard_link if "dashboard" in services else None

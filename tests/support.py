@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,12 +283,15 @@ class Cluster:
 
 def start_cluster(procs: Processes, folder: Path, *, nanny: bool, workers: int = 2,
                   scheduler_env: dict[str, str] | None = None,
-                  worker_env: dict[str, str] | None = None) -> Cluster:
-    """A real ``dask scheduler`` and single-thread ``dask worker`` processes on 127.0.0.1."""
+                  worker_env: dict[str, str] | None = None,
+                  scheduler_args: Sequence[str] = (),
+                  worker_args: Sequence[str] = ()) -> Cluster:
+    """A real ``dask scheduler`` and single-thread ``dask worker`` processes on 127.0.0.1
+    (``*_args``: more options of ``dask scheduler`` and ``dask worker``, TLS ones say)."""
     info = folder / "scheduler.json"
     scheduler = procs.start(
         [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-         "--port", "0", "--no-dashboard", "--scheduler-file", str(info)],
+         "--port", "0", "--no-dashboard", "--scheduler-file", str(info), *scheduler_args],
         folder / "scheduler", env=scheduler_env)
     wait_for(lambda: info.is_file() and "address" in info.read_text(), "the scheduler file",
              watch=scheduler, interval=0.1)
@@ -297,7 +300,7 @@ def start_cluster(procs: Processes, folder: Path, *, nanny: bool, workers: int =
         procs.start(
             [sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", f"w{k}",
              "--nthreads", "1", "--nworkers", "1", "--memory-limit", "0", "--no-dashboard",
-             "--nanny" if nanny else "--no-nanny"],
+             "--nanny" if nanny else "--no-nanny", *worker_args],
             folder / f"worker{k}", env=worker_env)
         for k in range(workers)
     ]

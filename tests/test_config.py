@@ -24,6 +24,9 @@ def test_tree_round_trip_and_defaults(tmp_path) -> None:
     ({"schema": 1, "tiling": {"tile_size": 8}}, "from 16"),
     ({"schema": 1, "compute": {"device": "tpu"}}, "compute.device"),
     ({"schema": 1, "compute": {"workers": 0}}, "compute.workers"),
+    ({"schema": 1, "compute": {"listen": "0.0.0.0:8786"}}, "compute.listen .* without a port"),
+    ({"schema": 1, "compute": {"listen": "tcp://0.0.0.0"}}, "compute.listen"),
+    ({"schema": 1, "compute": {"listen": ""}}, "compute.listen"),
 ])
 def test_bad_trees_name_the_setting(tree, message) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -4,6 +4,7 @@ Makefile and each other."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import importlib.resources
 import json
@@ -11,7 +12,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jsonschema
@@ -21,7 +22,9 @@ import yaml
 from referencing import Registry, Resource
 
 from pipeline.kube import check_cluster_spec
+from pipeline.tls import TlsFiles, client_context
 from pipeline.workflow import validate_workflow
+from tests.certificates import make_certificates, readme_block, run_block
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -430,6 +433,275 @@ def test_the_worker_group_has_one_gpu_per_worker_advertised_to_dask() -> None:
         assert scheduler["command"] == ["dask", "scheduler"]
 
 
+# --------------------------------------------------------------------------- TLS
+
+
+#: Role -> the Secret its pods mount: the CA's certificate and the role's own (the
+#: layout of kubernetes.io/tls Secrets, and of cert-manager's).
+TLS_SECRETS = {"scheduler": "fcn-pipeline-tls-scheduler", "worker": "fcn-pipeline-tls-worker",
+               "runner": "fcn-pipeline-tls-runner"}
+#: The option of fcn-pipeline run, dask scheduler and dask worker -> the Secret's key.
+TLS_KEYS = {"--tls-ca-file": "ca.crt", "--tls-cert": "tls.crt", "--tls-key": "tls.key"}
+SECRET_MODE = 0o440  # read-only, for the owner (root) and the pod's fsGroup
+
+
+def roles(kustomization: str) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Role -> (pod spec, main container) of the scheduler, the workers and the runner."""
+    (cluster,) = of_kind(kustomization, "DaskCluster")
+    runner_pod = _cronjob(kustomization)["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    found = {"runner": (runner_pod, runner_pod["containers"][0])}
+    for role in ("scheduler", "worker"):
+        pod = cluster["spec"][role]["spec"]
+        found[role] = (pod, next(c for c in pod["containers"] if c["name"] == role))
+    return found
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def tls_problems(pod: dict[str, Any], container: dict[str, Any], secret: str) -> list[str]:
+    """Why ``container`` does not take its TLS files from ``secret``, option by option."""
+    args = [str(a) for a in (container.get("command") or []) + (container.get("args") or [])]
+    problems = []
+    for option, key in TLS_KEYS.items():
+        if option not in args[:-1]:
+            problems.append(f"no {option}")
+            continue
+        path = PurePosixPath(args[args.index(option) + 1])
+        mount = next((m for m in container.get("volumeMounts", [])
+                      if m["mountPath"] == str(path.parent)), None)
+        if mount is None:
+            problems.append(f"{option} {path}: nothing is mounted at {path.parent}")
+            continue
+        volume = next(v for v in pod.get("volumes", []) if v["name"] == mount["name"])
+        source = volume.get("secret") or {}
+        if source.get("secretName") != secret:
+            problems.append(f"{option} {path}: {path.parent} is not the Secret {secret}")
+        if path.name != key:
+            problems.append(f"{option} {path}: the Secret's key is {key}")
+        if source.get("optional") or source.get("defaultMode") != SECRET_MODE \
+                or not mount.get("readOnly"):
+            problems.append(f"{option} {path}: the Secret must be required, mode 0440, "
+                            "mounted read-only")
+    return problems
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_the_scheduler_workers_and_runner_speak_tls_only(kustomization: str) -> None:
+    """Teeth: --protocol tls, a --tls-* option or the workers' DASK_SCHEDULER_ADDRESS
+    taken out of daskcluster.yaml, or the runner's secret volume made optional: this
+    fails (each seen failing, restored)."""
+    found = roles(kustomization)
+    for role, (pod, container) in found.items():
+        assert tls_problems(pod, container, TLS_SECRETS[role]) == [], role
+    (cluster,) = of_kind(kustomization, "DaskCluster")
+    _, scheduler = found["scheduler"]
+    args = scheduler["args"]
+    assert args[args.index("--protocol") + 1] == "tls"
+    address = f"tls://{cluster['metadata']['name']}-scheduler:{args[args.index('--port') + 1]}"
+    _, worker = found["worker"]
+    assert _env(worker)["DASK_SCHEDULER_ADDRESS"] == address  # else the operator's tcp://
+    runner_args = found["runner"][1]["args"]
+    assert runner_args[runner_args.index("--scheduler") + 1] == address
+    for container in (scheduler, worker):
+        assert _env(container)["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True"
+
+
+@pytest.mark.parametrize(("role", "edit", "found"), [
+    ("worker", lambda p, c: c["args"].remove("--tls-key"), "no --tls-key"),
+    ("scheduler", lambda p, c: c["volumeMounts"].pop(), "nothing is mounted"),
+    ("runner", lambda p, c: p["volumes"][-1]["secret"].update(optional=True), "required"),
+    ("worker", lambda p, c: p["volumes"][-1]["secret"].update(secretName="other"),
+     "is not the Secret"),
+])
+def test_the_tls_checks_catch_mistakes(role: str, edit: Any, found: str) -> None:
+    pod, container = json.loads(json.dumps(roles("deploy/base")[role]))
+    assert tls_problems(pod, container, TLS_SECRETS[role]) == []
+    edit(pod, container)
+    assert any(found in p for p in tls_problems(pod, container, TLS_SECRETS[role]))
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_workers_hold_no_storage_credentials(kustomization: str) -> None:
+    """Workers read and write on the data volume only: no Secret but their TLS one.
+
+    Teeth: the envFrom secretRef fcn-pipeline-storage put back on the worker container:
+    this fails (seen failing, restored)."""
+    pod, _ = roles(kustomization)["worker"]
+    secrets = {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    assert secrets == {TLS_SECRETS["worker"]}
+    assert not any("projected" in v for v in pod.get("volumes", []))
+    for container in pod["containers"] + pod.get("initContainers", []):
+        assert not any("secretRef" in source for source in container.get("envFrom", []))
+        assert not any("secretKeyRef" in (e.get("valueFrom") or {})
+                       for e in container.get("env", []))
+
+
+def test_the_readme_commands_make_the_secrets_the_pods_mount(tmp_path: Path) -> None:
+    """The openssl and kubectl blocks of deploy/README.md, run as written (kubectl with
+    --dry-run=client): one Secret per role, named as the pods mount it, holding the keys
+    the options name, a certificate signed by the CA and its key.
+
+    Teeth: a Secret renamed in the README's kubectl block, or ca.crt left out of it:
+    this fails (seen failing, restored)."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed: cannot run the README's kubectl commands")
+    folder = make_certificates(tmp_path / "certificates")
+    rendered = run_block(readme_block("create secret"), folder, prelude=(
+        'kubectl() { command kubectl "$@" --dry-run=client -o yaml; echo ---; }'))
+    secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all(rendered) if d}
+    assert set(secrets) == set(TLS_SECRETS.values())
+    (namespace,) = of_kind("deploy/overlays/example", "Namespace")
+    for role, name in TLS_SECRETS.items():
+        secret = secrets[name]
+        assert secret["type"] == "kubernetes.io/tls"
+        assert secret["metadata"]["namespace"] == namespace["metadata"]["name"]
+        assert set(secret["data"]) == set(TLS_KEYS.values())
+        files = {}
+        for key, value in secret["data"].items():
+            files[key] = tmp_path / role / key
+            files[key].parent.mkdir(exist_ok=True)
+            files[key].write_bytes(base64.b64decode(value))
+        client_context(TlsFiles(str(files["ca.crt"]), str(files["tls.crt"]),
+                                str(files["tls.key"])))  # a certificate and its key
+        verified = subprocess.run(["openssl", "verify", "-CAfile", str(files["ca.crt"]),
+                                   str(files["tls.crt"])], capture_output=True, text=True)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+# --------------------------------------------------------------------------- cert-manager
+
+
+CERT_MANAGER = "deploy/cert-manager"
+#: The fields of the cert-manager.io/v1 specs used here, as cert-manager's CRDs define them
+#: (deploy/crds/cert-manager.io_certificates.yaml and _issuers.yaml, cert-manager 2026-08):
+#: a misspelt field is an error here, since the CRD schemas are not available offline.
+CERTIFICATE_FIELDS = {"commonName", "dnsNames", "duration", "isCA", "issuerRef", "privateKey",
+                      "renewBefore", "secretName", "usages"}
+PRIVATE_KEY_FIELDS = {"algorithm", "encoding", "rotationPolicy", "size"}
+ISSUER_KINDS = {"selfSigned", "ca"}
+
+
+def _hours(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)h", duration)
+    assert match, f"durations are written in hours here, got {duration!r}"
+    return float(match.group(1))
+
+
+def test_cert_manager_issues_the_secrets_the_pods_mount() -> None:
+    """deploy/cert-manager: a self-signed Issuer, a CA Certificate, a CA Issuer, and for
+    each Secret the pods mount a Certificate that the CA signs, for client and server use.
+
+    Teeth: a Certificate's secretName changed, or its issuerRef pointed at the
+    self-signed Issuer: this fails (seen failing, restored)."""
+    docs = render(CERT_MANAGER)
+    assert {d["apiVersion"] for d in docs} == {"cert-manager.io/v1"}
+    issuers = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Issuer"}
+    certificates = [d["spec"] for d in docs if d["kind"] == "Certificate"]
+    assert len(issuers) + len(certificates) == len(docs)
+    for spec in issuers.values():
+        assert len(spec) == 1 and set(spec) <= ISSUER_KINDS, spec
+    for spec in certificates:
+        assert set(spec) <= CERTIFICATE_FIELDS, set(spec) - CERTIFICATE_FIELDS
+        assert set(spec["privateKey"]) <= PRIVATE_KEY_FIELDS
+        assert spec["issuerRef"] in ({"group": "cert-manager.io", "kind": "Issuer",
+                                      "name": name} for name in issuers), spec["issuerRef"]
+    (ca_issuer,) = [n for n, s in issuers.items() if "ca" in s]
+    (ca,) = [c for c in certificates if c.get("isCA")]
+    assert issuers[ca_issuer]["ca"]["secretName"] == ca["secretName"]
+    assert "selfSigned" in issuers[ca["issuerRef"]["name"]]
+    mounted = {v["secret"]["secretName"] for k in KUSTOMIZATIONS
+               for _, pod in [p for d in render(k) for p in pod_specs(d)]
+               for v in pod.get("volumes", []) if "secret" in v}
+    assert mounted == set(TLS_SECRETS.values())
+    leaves = {c["secretName"]: c for c in certificates if not c.get("isCA")}
+    assert set(leaves) == mounted
+    for spec in leaves.values():
+        assert spec["issuerRef"]["name"] == ca_issuer
+        assert {"client auth", "server auth"} <= set(spec["usages"])
+        assert 0 < _hours(spec["renewBefore"]) < _hours(spec["duration"])
+
+
+# --------------------------------------------------------------------------- network policy
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels is understood here: {selector}"
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def reaches(docs: tuple[dict[str, Any], ...], source: dict[str, str],
+            target: dict[str, str], port: int) -> bool:
+    """Whether a pod with labels ``source`` in the namespace may open ``port`` on a pod
+    with labels ``target``, by the NetworkPolicies in ``docs`` (a peer outside the pod
+    selector form, a namespace or an address block, counts as admitting anyone)."""
+    policies = [d["spec"] for d in docs if d["kind"] == "NetworkPolicy"
+                and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])
+                and _selects(d["spec"]["podSelector"], target)]
+    if not policies:
+        return True
+    for rule in (r for p in policies for r in p.get("ingress") or []):
+        ports = rule.get("ports")
+        if ports is not None and not any(p.get("port") in (port, None) for p in ports):
+            continue
+        peers = rule.get("from")
+        if peers is None or any(set(peer) != {"podSelector"}
+                                or _selects(peer["podSelector"], source) for peer in peers):
+            return True
+    return False
+
+
+def cluster_pods(kustomization: str) -> dict[str, dict[str, str]]:
+    """The labels of each kind of pod: the operator's on the Dask pods
+    (dask_kubernetes.operator.controller: dask.org/cluster-name and dask.org/component),
+    the CronJob's pod template's on the runner, and two strangers."""
+    (cluster,) = of_kind(kustomization, "DaskCluster")
+    name = cluster["metadata"]["name"]
+    template = _cronjob(kustomization)["spec"]["jobTemplate"]["spec"]["template"]
+    return {
+        "scheduler": {"dask.org/cluster-name": name, "dask.org/component": "scheduler"},
+        "worker": {"dask.org/cluster-name": name, "dask.org/component": "worker",
+                   "dask.org/workergroup-name": f"{name}-default"},
+        "runner": dict(template["metadata"]["labels"]),
+        "stranger": {"app": "anything-else"},
+        "other cluster's worker": {"dask.org/cluster-name": "other",
+                                   "dask.org/component": "worker"},
+    }
+
+
+COMM, DASHBOARD, ANY = 8786, 8787, 40000
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_only_the_runner_and_the_workers_reach_the_scheduler(kustomization: str) -> None:
+    """Teeth: networkpolicy.yaml left out of the base, or a rule admitting
+    `podSelector: {}`: this fails (seen failing, restored)."""
+    docs, pods = render(kustomization), cluster_pods(kustomization)
+    allowed = {(s, t, port) for s in pods for t in ("scheduler", "worker")
+               for port in (COMM, DASHBOARD, ANY)
+               if reaches(docs, pods[s], pods[t], port)}
+    assert allowed == {
+        ("runner", "scheduler", COMM), ("worker", "scheduler", COMM),
+        *{(s, "worker", port) for s in ("scheduler", "worker") for port in (COMM, DASHBOARD, ANY)},
+    }, sorted(allowed)
+
+
+@pytest.mark.parametrize(("edit", "admitted"), [
+    (lambda rule: rule["from"].append({"podSelector": {}}), "stranger"),
+    (lambda rule: rule["from"].append({"namespaceSelector": {}}), "stranger"),
+    (lambda rule: rule.pop("from"), "stranger"),
+])
+def test_the_reach_check_sees_wider_rules(edit: Any, admitted: str) -> None:
+    docs = json.loads(json.dumps(render("deploy/base")))
+    pods = cluster_pods("deploy/base")
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy"
+                  and _selects(d["spec"]["podSelector"], pods["scheduler"]))
+    assert not reaches(tuple(docs), pods[admitted], pods["scheduler"], COMM)
+    edit(policy["spec"]["ingress"][0])
+    assert reaches(tuple(docs), pods[admitted], pods["scheduler"], COMM)
+
+
 # --------------------------------------------------------------------------- the CronJob
 
 
@@ -470,10 +742,10 @@ def test_the_cronjob_runs_a_shipped_workflow_on_the_shipped_cluster(kustomizatio
     assert configmap["data"][workflow.name] == source.read_text()
     config = validate_workflow(source, date="2024-06-30")
     assert config.device == "cuda"
-    # The scheduler is the DaskCluster's service, in the same namespace.
+    # The scheduler is the DaskCluster's service, in the same namespace, over TLS.
     (cluster,) = of_kind(kustomization, "DaskCluster")
     address = args[args.index("--scheduler") + 1]
-    assert address == f"tcp://{cluster['metadata']['name']}-scheduler:8786"
+    assert address == f"tls://{cluster['metadata']['name']}-scheduler:8786"
     assert cluster["metadata"].get("namespace") == cronjob["metadata"].get("namespace")
     ports = {p["name"]: p["port"] for p in cluster["spec"]["scheduler"]["service"]["ports"]}
     assert ports["tcp-comm"] == 8786
