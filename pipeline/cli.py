@@ -443,14 +443,13 @@ def bench(model: str, size: int, tile_size: int | None, workers: int | None,
           skip_run: bool, workdir: Path | None, as_json: bool, scaling: str | None) -> None:
     """Throughput of (a) the bare model, (b) exact tiling in memory, (c) run end to end and
     (d) 25 percent overlap sliding windows, on one generated scene, with their ratios."""
-    import yaml
-
     from pipeline.throughput import (
         render_scaling,
         render_throughput,
         scaling_benchmark,
         throughput_benchmark,
     )
+    from pipeline.yaml_input import parse_yaml
 
     if scaling:
         try:
@@ -467,7 +466,8 @@ def bench(model: str, size: int, tile_size: int | None, workers: int | None,
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
                 raise ConfigError(f"--argument must be KEY=VALUE, got {item!r}")
-            kwargs[key.strip()] = yaml.safe_load(value)
+            kwargs[key.strip()] = parse_yaml(value, source=f"--argument {key.strip()}",
+                                             what="argument value").data
         result = throughput_benchmark(
             model, size=size, tile_size=tile_size, workers=workers, threads=threads,
             repeats=repeats, device=device, arguments=kwargs or None, end_to_end=not skip_run,
