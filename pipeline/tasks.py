@@ -75,6 +75,8 @@ class ModelRef:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    #: The run trusts the spec's code: a worker builds an import-path architecture only then.
+    trust_code: bool = False
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -203,7 +205,8 @@ def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, .
         return BatchStats(len(tiles), 0, sum(t.core.area for t in tiles), 0.0)
     _prepare_torch(model_ref.threads)
     spec, model = cached_model(model_ref.spec_path, model_ref.sha256, model_ref.device,
-                               channels_last=model_ref.channels_last, compile=model_ref.compile)
+                               channels_last=model_ref.channels_last, compile=model_ref.compile,
+                               trust_code=model_ref.trust_code)
     inferred = 0
     read_s = model_s = write_s = 0.0
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="read") as pool:

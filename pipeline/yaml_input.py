@@ -163,7 +163,7 @@ def _checked_events(text: str, what: str, max_depth: int) -> list[Event]:
     # node is a key.
     open_collections: list[bool | None] = []
     for event in yaml.parse(text, Loader=_PARSER):
-        line = event.start_mark.line + 1
+        line = event.start_mark.line + 1 if event.start_mark is not None else 0
         if isinstance(event, AliasEvent):
             raise _Refused(line, f"the alias *{event.anchor} is refused: a {what} may not use "
                                  "YAML anchors and aliases (write the value out)")

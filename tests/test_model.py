@@ -14,7 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline import architectures
 from pipeline import model as model_module
+from pipeline.demo import demo_fcn
 from pipeline.errors import ModelError, ModelSpecError
 from pipeline.model import build_model, cached_model, clear_model_cache, save_weights
 from pipeline.modelspec import ModelSpec, file_sha256, load_spec, verify_weights
@@ -50,7 +52,7 @@ def _same_outputs(a: nn.Module, b: nn.Module) -> bool:
 def test_safetensors_weights_load_exactly(tmp_path: Path, reference: nn.Module) -> None:
     digest = save_weights(reference, tmp_path / "tiny.safetensors")
     assert digest == file_sha256(tmp_path / "tiny.safetensors")
-    built = build_model(_spec(tmp_path, sha256=digest))
+    built = build_model(_spec(tmp_path, sha256=digest), trust_code=True)
     assert not built.training
     assert next(built.parameters()).device.type == "cpu"
     assert _same_outputs(built, reference)
@@ -61,34 +63,35 @@ def test_pytorch_state_dict_loads_exactly(
     tmp_path: Path, reference: nn.Module, suffix: str
 ) -> None:
     torch.save(reference.state_dict(), tmp_path / f"tiny{suffix}")
-    built = build_model(_spec(tmp_path, weights=f"tiny{suffix}"))
+    built = build_model(_spec(tmp_path, weights=f"tiny{suffix}"), trust_code=True)
     assert _same_outputs(built, reference)
 
 
 def test_builtin_architecture(
     tmp_path: Path, reference: nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = types.ModuleType("pipeline.models")
-    fake.ARCHITECTURES = {"tiny-fcn": factories.tiny}  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pipeline.models", fake)
+    """A built-in name builds without trust; an unknown name names the built-ins and the
+    entry-point group."""
+    monkeypatch.setitem(architectures.BUILT_IN, "tiny-fcn", "tests.modelspec_factories:tiny")
     save_weights(reference, tmp_path / "tiny.safetensors")
     assert _same_outputs(build_model(_spec(tmp_path, architecture="tiny-fcn")), reference)
-    with pytest.raises(
-        ModelSpecError,
-        match=r"architecture 'fcn9s' is not a built-in architecture \(known: tiny-fcn\)",
-    ):
-        build_model(_spec(tmp_path, architecture="fcn9s"))
+    with pytest.raises(ModelSpecError, match=r"architecture 'fcn9s' is neither a built-in "
+                       r"architecture \(.*tiny-fcn.*\) nor registered by an installed package "
+                       r"under fcn_pipeline.architectures"):
+        build_model(_spec(tmp_path, architecture="fcn9s"), trust_code=True)
 
 
-def test_pickled_module_is_refused(tmp_path: Path, reference: nn.Module) -> None:
-    torch.save(reference, tmp_path / "tiny.pt")
-    with pytest.raises(ModelError) as caught:
-        build_model(_spec(tmp_path, weights="tiny.pt"))
-    text = str(caught.value)
-    assert "tiny.pt is not a plain state dict: torch.load(weights_only=True) refuses it" in text
-    assert "Unsupported global" in text
-    assert "save module.state_dict() instead" in text
-    assert "add_safe_globals" not in text  # torch's allowlist advice is not passed on
+def test_the_built_in_names_are_the_package_networks() -> None:
+    """Every network of pipeline.models is built in under its name, to the same factory."""
+    import importlib
+
+    from pipeline import models
+
+    for name, factory in models.ARCHITECTURES.items():
+        module, _, attribute = architectures.BUILT_IN[name].partition(":")
+        assert getattr(importlib.import_module(module), attribute) is factory
+    module, _, attribute = architectures.BUILT_IN["demo-fcn"].partition(":")
+    assert getattr(importlib.import_module(module), attribute) is demo_fcn
 
 
 def test_training_checkpoint_is_refused(tmp_path: Path, reference: nn.Module) -> None:
@@ -96,20 +99,20 @@ def test_training_checkpoint_is_refused(tmp_path: Path, reference: nn.Module) ->
     with pytest.raises(
         ModelError, match=r"not a plain state dict: 2 entries are not tensors \(state_dict, epoch\)"
     ):
-        build_model(_spec(tmp_path, weights="tiny.pt"))
+        build_model(_spec(tmp_path, weights="tiny.pt"), trust_code=True)
 
 
 def test_tensor_file_is_refused(tmp_path: Path) -> None:
     torch.save(torch.zeros(3), tmp_path / "tiny.pt")
     with pytest.raises(ModelError, match="holds a Tensor, not a state dict"):
-        build_model(_spec(tmp_path, weights="tiny.pt"))
+        build_model(_spec(tmp_path, weights="tiny.pt"), trust_code=True)
 
 
 @pytest.mark.parametrize("name", ["tiny.safetensors", "tiny.pt"])
 def test_corrupt_weights(tmp_path: Path, name: str) -> None:
     (tmp_path / name).write_bytes(b"not weights at all")
     with pytest.raises(ModelError, match=f"weights {name} is not a"):
-        build_model(_spec(tmp_path, weights=name))
+        build_model(_spec(tmp_path, weights=name), trust_code=True)
 
 
 def test_missing_weights(tmp_path: Path) -> None:
@@ -117,14 +120,14 @@ def test_missing_weights(tmp_path: Path) -> None:
     with pytest.raises(
         ModelSpecError, match=r"spec\.yaml: weights file .*tiny\.safetensors does not exist"
     ):
-        build_model(spec)
+        build_model(spec, trust_code=True)
 
 
 def test_checksum_is_checked_before_loading(tmp_path: Path, reference: nn.Module) -> None:
     digest = save_weights(reference, tmp_path / "tiny.safetensors")
     wrong = "f" * 64
     with pytest.raises(ModelSpecError) as caught:
-        build_model(_spec(tmp_path, sha256=wrong))
+        build_model(_spec(tmp_path, sha256=wrong), trust_code=True)
     assert "sha256 does not match" in str(caught.value)
     assert digest in str(caught.value) and wrong in str(caught.value)
     assert factories.calls == 1  # the reference only: the factory never ran
@@ -137,7 +140,7 @@ def test_state_dict_mismatch_names_keys(tmp_path: Path) -> None:
         state[f"extra.{i}"] = torch.zeros(1)
     torch.save(state, tmp_path / "tiny.pt")
     with pytest.raises(ModelError) as caught:
-        build_model(_spec(tmp_path, weights="tiny.pt"))
+        build_model(_spec(tmp_path, weights="tiny.pt"), trust_code=True)
     text = str(caught.value)
     assert "do not fit architecture tests.modelspec_factories:tiny" in text
     assert "1 missing (0.bias)" in text
@@ -159,7 +162,7 @@ def test_bad_import_path(
 ) -> None:
     save_weights(reference, tmp_path / "tiny.safetensors")
     with pytest.raises(ModelSpecError, match=f"spec.yaml: architecture {architecture}: ") as caught:
-        build_model(_spec(tmp_path, architecture=architecture))
+        build_model(_spec(tmp_path, architecture=architecture), trust_code=True)
     assert message in str(caught.value)
 
 
@@ -176,20 +179,20 @@ def test_factory_errors(
 ) -> None:
     save_weights(reference, tmp_path / "tiny.safetensors")
     with pytest.raises(ModelError, match=r"spec\.yaml: architecture ") as caught:
-        build_model(_spec(tmp_path, architecture=architecture))
+        build_model(_spec(tmp_path, architecture=architecture), trust_code=True)
     assert message in str(caught.value)
 
 
 def test_bad_arguments_for_factory(tmp_path: Path, reference: nn.Module) -> None:
     save_weights(reference, tmp_path / "tiny.safetensors")
     with pytest.raises(ModelError, match=r"TypeError: .*unexpected keyword argument 'depth'"):
-        build_model(_spec(tmp_path, arguments={"depth": 3}))
+        build_model(_spec(tmp_path, arguments={"depth": 3}), trust_code=True)
 
 
 def test_bad_device(tmp_path: Path, reference: nn.Module) -> None:
     save_weights(reference, tmp_path / "tiny.safetensors")
     with pytest.raises(ModelError, match="cannot move model tiny to device 'warp-drive'"):
-        build_model(_spec(tmp_path), device="warp-drive")
+        build_model(_spec(tmp_path), device="warp-drive", trust_code=True)
 
 
 def test_save_weights_needs_safetensors_suffix(tmp_path: Path, reference: nn.Module) -> None:
@@ -210,8 +213,8 @@ def _planned(tmp_path: Path, reference: nn.Module) -> tuple[str, str]:
 def test_cache_loads_once(tmp_path: Path, reference: nn.Module) -> None:
     spec_path, digest = _planned(tmp_path, reference)
     factories.calls = 0
-    spec, first = cached_model(spec_path, digest, "cpu")
-    again_spec, second = cached_model(spec_path, digest, "cpu")
+    spec, first = cached_model(spec_path, digest, "cpu", trust_code=True)
+    again_spec, second = cached_model(spec_path, digest, "cpu", trust_code=True)
     assert second is first and again_spec is spec
     assert factories.calls == 1
     assert spec.name == "tiny"
@@ -223,7 +226,8 @@ def test_cache_loads_once_across_threads(tmp_path: Path, reference: nn.Module) -
     factories.calls = 0
     results: list[nn.Module] = []
     threads = [
-        threading.Thread(target=lambda: results.append(cached_model(spec_path, digest, "cpu")[1]))
+        threading.Thread(target=lambda: results.append(
+            cached_model(spec_path, digest, "cpu", trust_code=True)[1]))
         for _ in range(4)
     ]
     for thread in threads:
@@ -239,7 +243,7 @@ def test_cache_checks_the_planned_digest(tmp_path: Path, reference: nn.Module) -
     factories.calls = 0
     planned = hashlib.sha256(b"other weights").hexdigest()
     with pytest.raises(ModelError) as caught:
-        cached_model(spec_path, planned, "cpu")
+        cached_model(spec_path, planned, "cpu", trust_code=True)
     text = str(caught.value)
     assert "changed since the run was planned" in text
     assert digest in text and planned in text
@@ -251,14 +255,15 @@ def test_cache_checks_the_spec_digest(tmp_path: Path, reference: nn.Module) -> N
     save_weights(reference, tmp_path / "tiny.safetensors")
     path = write_spec(tmp_path, spec_dict(sha256="0" * 64))
     with pytest.raises(ModelSpecError, match="sha256 does not match"):
-        cached_model(str(path), file_sha256(tmp_path / "tiny.safetensors"), "cpu")
+        cached_model(str(path), file_sha256(tmp_path / "tiny.safetensors"), "cpu",
+                     trust_code=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_build_on_cuda(tmp_path: Path, reference: nn.Module) -> None:
     save_weights(reference, tmp_path / "tiny.safetensors")
-    built = build_model(_spec(tmp_path), device="cuda")
+    built = build_model(_spec(tmp_path), device="cuda", trust_code=True)
     assert next(built.parameters()).is_cuda
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
