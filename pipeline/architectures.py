@@ -169,8 +169,8 @@ def _named(spec: ModelSpec, name: str) -> Architecture:
         raise spec.error(
             "architecture",
             f"{name} is registered under {ENTRY_POINT_GROUP} by more than one installed "
-            f"package ({', '.join(f'{p} as {m}:{a}' for p, m, a in mine)}), so which code "
-            "would run is not clear; uninstall all but one of them",
+            f"package ({', '.join(f'{p} as {m}:{a}' for p, m, a in sorted(mine))}), so which "
+            "code would run is not clear; uninstall all but one of them",
         )
     package, module, attribute = mine[0]
     how = f"as {package} registers it ({module}:{attribute})"

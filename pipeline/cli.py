@@ -250,6 +250,7 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
             "gpu_resource": gpu_resource, "precision": precision,
             "channels_last": channels_last, "compile": compile_model,
         })
+        kube_spec = _cluster_spec(config, cluster_spec) if cluster_spec else None
         checked = preflight(config)  # before loading torch or starting a cluster
         if checked.architecture and checked.architecture.note and not quiet:
             click.echo(f"warning: {checked.architecture.note}", err=True)
@@ -262,8 +263,8 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
         from pipeline.run import run as run_scenes
 
         with ExitStack() as stack:
-            if cluster == "kubernetes":
-                config = _kubernetes(stack, config, cluster_spec, dry_run)  # type: ignore[arg-type]
+            if kube_spec is not None:
+                config = _kubernetes(stack, config, kube_spec, dry_run)
             report = run_scenes(
                 config, dry_run=dry_run, checked=checked, log=say,
                 on_progress=None if quiet or as_json else _progress_printer(),
@@ -339,14 +340,20 @@ def _tile_size(text: str | None) -> int | None:
     return int(text)
 
 
-def _kubernetes(stack, config, cluster_spec: str, dry_run: bool):  # type: ignore[no-untyped-def]
-    """Start an ephemeral DaskCluster (shut down with ``stack``); point the run at it."""
-    from pipeline.kube import kube_cluster, load_cluster_spec
+def _cluster_spec(config: Any, path: str) -> dict[str, Any]:
+    """The checked ``--cluster-spec`` file, read before torch loads (a usage error)."""
+    from pipeline.kube import load_cluster_spec
 
     if config.scheduler:
         raise ConfigError("--cluster kubernetes starts its own scheduler: drop --scheduler "
                           "(or compute.scheduler)")
-    spec = load_cluster_spec(cluster_spec, gpu=True if config.device == "cuda" else None)
+    return load_cluster_spec(path, gpu=True if config.device == "cuda" else None)
+
+
+def _kubernetes(stack, config, spec, dry_run: bool):  # type: ignore[no-untyped-def]
+    """Start an ephemeral DaskCluster (shut down with ``stack``); point the run at it."""
+    from pipeline.kube import kube_cluster
+
     if dry_run:
         return config
     kube = stack.enter_context(kube_cluster(spec))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import sys
+import os
+import pickle
 import threading
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,130 @@ def test_the_built_in_names_are_the_package_networks() -> None:
         assert getattr(importlib.import_module(module), attribute) is factory
     module, _, attribute = architectures.BUILT_IN["demo-fcn"].partition(":")
     assert getattr(importlib.import_module(module), attribute) is demo_fcn
+
+
+class _RunsCommand:
+    """Unpickling this runs a shell command (``touch`` of a marker file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _WritesFile:
+    """Unpickling this opens (creates) the marker file for writing."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+class _Thing:
+    """An object that is not a tensor."""
+
+
+def _pickled_weights(kind: str, path: Path, marker: Path) -> None:
+    """Write a hostile or foreign ``.pt`` file of ``kind`` at ``path``."""
+    module = factories.tiny(num_classes=3)
+    if kind == "module":
+        torch.save(module, path)
+    elif kind == "legacy module":
+        torch.save(module, path, _use_new_zipfile_serialization=False)
+    elif kind == "raw pickle running a command":
+        path.write_bytes(pickle.dumps(_RunsCommand(marker), protocol=2))
+    elif kind == "raw pickle writing a file":
+        path.write_bytes(pickle.dumps(_WritesFile(marker), protocol=4))
+    elif kind == "zip running a command":
+        torch.save({**module.state_dict(), "evil": _RunsCommand(marker)}, path)
+    elif kind == "zip with an object":
+        torch.save({**module.state_dict(), "thing": _Thing()}, path)
+    else:
+        raise AssertionError(kind)
+
+
+#: What the refusal of each kind says (a protocol 4 pickle has opcodes torch's
+#: restricted unpickler does not read at all).
+PICKLES = {
+    "module": "is a pickle that refers to torch.nn.modules",
+    "legacy module": "is a pickle that refers to torch.nn.modules",
+    "raw pickle running a command": "is a pickle that refers to posix.system",
+    "raw pickle writing a file": "is not a PyTorch state dict (its pickle cannot be read",
+    "zip running a command": "is a pickle that refers to posix.system",
+    "zip with an object": "is a pickle that refers to tests.test_model._Thing",
+}
+CONVERT = "convert it where the model was trained: safetensors.torch.save_file(" \
+          "model.state_dict(), 'tiny.safetensors'), then set weights: tiny.safetensors"
+
+
+@pytest.mark.parametrize("kind", list(PICKLES))
+def test_pickles_are_refused_unread_and_the_message_says_how_to_convert(
+        tmp_path: Path, kind: str) -> None:
+    """Pickled modules (zip and legacy files), pickles whose unpickling would run a
+    command or write a file, a zip file holding an object: refused with one line that
+    says how to convert the weights to safetensors without this tool unpickling them;
+    torch's advice to load the file unrestricted is never passed on, not even chained;
+    the marker file the hostile pickles would make does not exist.
+
+    Teeth: _state_dict() raising ModelError(str(exc)) (torch's text): "weights_only"
+    appears and the test fails; torch.load(weights_only=False): the marker exists.
+    """
+    marker = tmp_path / "marker"
+    _pickled_weights(kind, tmp_path / "tiny.pt", marker)
+    with pytest.raises(ModelError) as caught:
+        build_model(_spec(tmp_path, weights="tiny.pt"), trust_code=True)
+    text = str(caught.value)
+    assert len(text.splitlines()) == 1, text
+    assert f"tiny.pt {PICKLES[kind]}" in text and CONVERT in text
+    assert "weights_only" not in text and "safe_globals" not in text
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_no_command_passes_on_torchs_advice_on_pickles(tmp_path: Path) -> None:
+    """``fcn-pipeline run`` and ``inspect`` with hostile .pt files (a built-in
+    architecture: no flag needed): exit 2, one line that says how to convert, never
+    "weights_only", no marker; a protocol-0 pickle is refused before torch loads (not a
+    zip, no pickle protocol 2+ header).
+
+    Teeth: as the test above: with torch's text passed on, "weights_only" is printed.
+    """
+    import numpy as np
+    import rasterio
+    from rasterio.transform import Affine
+
+    from tests.support import cli, other_lines
+
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=32, height=32, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 4600000)) as ds:
+        ds.write(np.zeros((3, 32, 32), np.uint8))
+    marker = tmp_path / "marker"
+    # (kind of file, command, what the one line says): run and inspect, a few kinds each
+    cases = [("zip running a command", "run", CONVERT), ("legacy module", "run", CONVERT),
+             ("module", "inspect", CONVERT), ("raw pickle writing a file", "inspect", CONVERT),
+             ("protocol 0", "run", "is not a PyTorch weights file")]
+    for kind, command, says in cases:
+        folder = tmp_path / f"{command}-{kind.replace(' ', '-')}"
+        folder.mkdir()
+        if kind == "protocol 0":
+            (folder / "tiny.pt").write_bytes(pickle.dumps(_RunsCommand(marker), protocol=0))
+        else:
+            _pickled_weights(kind, folder / "tiny.pt", marker)
+        spec = write_spec(folder, spec_dict(architecture="unet-small", weights="tiny.pt",
+                                            arguments={"num_classes": 3}))
+        args = ["run", str(scene), "--out", str(folder / "out"), "--model", str(spec)] \
+            if command == "run" else ["inspect", str(spec)]
+        done = cli(*args)
+        assert done.returncode == 2, (kind, args, done.stderr)
+        lines = other_lines(done.stderr)
+        assert len(lines) == 1 and "tiny.pt" in lines[0] and says in lines[0], (kind, lines)
+        assert "weights_only" not in done.stdout + done.stderr, (kind, done.stderr)
+    assert not marker.exists()
 
 
 def test_training_checkpoint_is_refused(tmp_path: Path, reference: nn.Module) -> None:
@@ -252,11 +376,14 @@ def test_cache_checks_the_planned_digest(tmp_path: Path, reference: nn.Module) -
 
 
 def test_cache_checks_the_spec_digest(tmp_path: Path, reference: nn.Module) -> None:
+    """Teeth: cached_model() assembling before check_digest(): the factory is called."""
     save_weights(reference, tmp_path / "tiny.safetensors")
     path = write_spec(tmp_path, spec_dict(sha256="0" * 64))
+    factories.calls = 0
     with pytest.raises(ModelSpecError, match="sha256 does not match"):
         cached_model(str(path), file_sha256(tmp_path / "tiny.safetensors"), "cpu",
                      trust_code=True)
+    assert factories.calls == 0
 
 
 @pytest.mark.gpu
