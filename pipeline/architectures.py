@@ -111,7 +111,7 @@ def resolve_architecture(spec: ModelSpec, *, trust_code: bool) -> Architecture:
             path or registration into the standard library or the builtins.
     """
     name = spec.architecture
-    if ":" not in name:
+    if not spec.is_import_path:
         return _named(spec, name)
     module, _, attribute = name.partition(":")
     refuse_standard_library(spec, module)

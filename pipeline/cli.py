@@ -493,7 +493,7 @@ def bench(model: str, size: int, tile_size: int | None, workers: int | None,
             if not sep or not key.strip():
                 raise ConfigError(f"--argument must be KEY=VALUE, got {item!r}")
             kwargs[key.strip()] = parse_yaml(value, source=f"--argument {key.strip()}",
-                                             what="argument value").data
+                                             what="value").data
         result = throughput_benchmark(
             model, size=size, tile_size=tile_size, workers=workers, threads=threads,
             repeats=repeats, device=device, arguments=kwargs or None, end_to_end=not skip_run,

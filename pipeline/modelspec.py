@@ -1,8 +1,10 @@
 """Model specs: the small YAML file that lets a user bring their own model.
 
-A spec names the network (a built-in architecture or a ``package.module:factory``
-import path), its weights and their checksum, which scene bands feed it and how
-they are normalised, how nodata is handled and what the output classes are::
+A spec names the network (a built-in architecture, one an installed package
+registers, or a ``package.module:factory`` import path: which of them may run is
+decided by :mod:`pipeline.architectures`), its weights and their checksum, which
+scene bands feed it and how they are normalised, how nodata is handled and what
+the output classes are::
 
     schema: 1
     name: demo
@@ -193,7 +195,16 @@ def _source(path: Path | None) -> str:
 
 
 def load_spec(source: str | PathLike[str]) -> ModelSpec:
-    """Read and validate a spec: ``"demo"`` (the bundled demo model) or a YAML file path."""
+    """Read and validate a spec: ``"demo"`` (the bundled demo model) or a YAML file path.
+
+    The file is read by :func:`pipeline.yaml_input.read_yaml` (at most 1 MiB, nested
+    at most 64 levels, no anchors, aliases, merge keys or repeated keys). Nothing the
+    spec names is imported.
+
+    Raises:
+        ModelSpecError: one line naming the file (and the line or the field): it cannot
+            be read, is not such YAML, or a field is missing, unknown or invalid.
+    """
     path = _demo_path() if source == DEMO else Path(source).expanduser().absolute()
     data = read_yaml(path, what="model spec", error=ModelSpecError).data
     return parse_spec(data, path=path)
