@@ -297,30 +297,36 @@ def test_the_checksum_is_verified_before_any_factory_is_imported(tmp_path: Path)
 def test_a_trusted_run_and_toggling_trust_restarts_no_finished_scene(tmp_path: Path) -> None:
     """With --trust-spec-code the workers build the import path's network and the run
     publishes the scene; the same run trusted by FCN_PIPELINE_TRUST_SPEC_CODE or by
-    trust_spec_code: true in a workflow skips it (trust is no part of the fingerprint).
+    trust_spec_code: true in a workflow skips it. A built-in architecture run without
+    trust, then again with it, skips it too: trust is no part of the fingerprint.
 
-    Teeth: trust_spec_code added to actions.fingerprint_values: the second run refuses
-    the scene ("published with other settings") and exits 2.
+    Teeth: trust_spec_code added to actions.fingerprint_values: the built-in run with
+    the flag refuses the scene ("published with other settings") and exits 2.
     """
+    from pipeline.throughput import write_builtin_spec
+
     marker = tmp_path / "marker"
     spec = write_marked_spec(tmp_path / "model")
     scene = write_scene(tmp_path / "scene.tif")
     out = tmp_path / "out"
-    args = ["run", str(scene), "--out", str(out), "--model", str(spec), "--tile-size", "16",
-            "--workers", "1", "--json"]
-    done = cli(*args, "--trust-spec-code", env={MARKER_ENV: str(marker)})
-    assert done.returncode == 0, done.stderr
+
+    def run(model: Path, folder: Path, *extra: str, env: dict[str, str] | None = None,
+            ) -> list[bool]:
+        done = cli("run", str(scene), "--out", str(folder), "--model", str(model),
+                   "--tile-size", "16", "--workers", "1", "--json", *extra, env=env)
+        assert done.returncode == 0, done.stderr
+        return [s["skipped"] for s in json.loads(done.stdout)["scenes"]]
+
+    assert run(spec, out, "--trust-spec-code", env={MARKER_ENV: str(marker)}) == [False]
     assert (out / "scene.tif").is_file() and "called" in marks(marker)
-    again = cli(*args, env={"FCN_PIPELINE_TRUST_SPEC_CODE": "1"})
-    assert again.returncode == 0, again.stderr
-    assert [s["skipped"] for s in json.loads(again.stdout)["scenes"]] == [True]
+    assert run(spec, out, env={"FCN_PIPELINE_TRUST_SPEC_CODE": "1"}) == [True]
     workflow = tmp_path / "flow.yaml"
     workflow.write_text(f"schema: 1\ntrust_spec_code: true\nmodel: {spec}\n")
-    third = cli(*args, "--workflow", str(workflow))
-    assert third.returncode == 0, third.stderr
-    assert [s["skipped"] for s in json.loads(third.stdout)["scenes"]] == [True]
-    manifest = json.loads((out / "run.json").read_text())
-    assert manifest["config"]["trust_spec_code"] is True
+    assert run(spec, out, "--workflow", str(workflow)) == [True]
+    assert json.loads((out / "run.json").read_text())["config"]["trust_spec_code"] is True
+    built_in = write_builtin_spec("unet-small", tmp_path / "unet", {"base": 2, "depth": 2})
+    assert run(built_in, tmp_path / "out-unet") == [False]
+    assert run(built_in, tmp_path / "out-unet", "--trust-spec-code") == [True]
 
 
 # --------------------------------------------------------------------------- entry points
