@@ -111,13 +111,15 @@ def test_nesting_up_to_the_limit_is_read(parser: str, depth: int) -> None:
     ("a: 1\n---\nb: 2\n", ":2: the test is not valid YAML: expected a single document"),
     ("a: [1\n", ":2: the test is not valid YAML"),
     ("c: &x\n  - *x\n", ":1: the anchor &x is refused"),
+    ("a: 1\nb: *x\n", ":2: the alias *x is refused"),
     ("c: {? &k a : 1}\n", ":1: the anchor &k is refused"),
     ("a: !!merge {}\n", ":1: the merge key << is refused"),
 ])
 def test_other_refusals_are_one_line_with_the_line(text: str, says: str) -> None:
     """Teeth: _Builder.construct_mapping() without the duplicate check: the first two
     are accepted; construct_object() without the ValueError guard: the long integer
-    and the bad date escape as ValueError."""
+    and the bad date escape as ValueError; without the alias check, a lone alias is
+    "found undefined alias"."""
     with pytest.raises(ConfigError) as caught:
         parse_yaml(text, source="t.yaml", what="test")
     assert says in str(caught.value) and len(str(caught.value).splitlines()) == 1
@@ -131,6 +133,38 @@ def test_plain_yaml_reads_as_before() -> None:
                              "flags": [True, None, 1.5], "<<": 2}
     assert dict(document.lines) == {"schema": 1, "tiling": 2, "tiling.tile_size": 3,
                                     "flags": 4, "<<": 5}
+
+
+def test_an_endless_file_is_read_no_further_than_the_limit(tmp_path: Path) -> None:
+    """A named pipe that never ends (its writer keeps it open): refused once 1 MiB and a
+    byte were read, without waiting for the end.
+
+    Teeth: read_yaml() reading the whole file (stream.read()): it waits for the writer
+    to close, 5 s later, and the test fails on the time.
+    """
+    import threading
+
+    fifo = tmp_path / "endless.yaml"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def write_forever() -> None:
+        with open(fifo, "wb") as stream:
+            stream.write(b"#" * (MAX_BYTES + 4096))
+            stream.flush()
+            done.wait(5)
+
+    writer = threading.Thread(target=write_forever, daemon=True)
+    writer.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ConfigError, match=f"is larger than {MAX_BYTES // 1024} KiB"):
+            read_yaml(fifo, what="workflow")
+        seconds = time.perf_counter() - start
+    finally:
+        done.set()
+        writer.join()
+    assert seconds < 3, seconds
 
 
 def test_a_file_that_is_not_utf8_or_cannot_be_read(tmp_path: Path) -> None:
