@@ -1,7 +1,8 @@
 """The work of Dask tasks: predict a batch of tiles, publish a finished scene.
 
 A task receives paths, boxes and a model reference (spec path + weights
-sha256 + device), never open files or weights. It reads only its windows,
+sha256 + device + whether the run trusts the spec's code), never open files or
+weights. It reads only its windows,
 runs the model its worker process loaded once (:func:`cached_model`), crops
 each window's output to its core tile and writes that tile's Zarr chunk and its
 share of the COG's overview levels, then records the tile with the checksums of
