@@ -296,9 +296,9 @@ def test_the_checksum_is_verified_before_any_factory_is_imported(tmp_path: Path)
 @pytest.mark.slow
 def test_a_trusted_run_and_toggling_trust_restarts_no_finished_scene(tmp_path: Path) -> None:
     """With --trust-spec-code the workers build the import path's network and the run
-    publishes the scene; the same run trusted by FCN_PIPELINE_TRUST_SPEC_CODE or by
-    trust_spec_code: true in a workflow skips it. A built-in architecture run without
-    trust, then again with it, skips it too: trust is no part of the fingerprint.
+    publishes the scene; the same run trusted by FCN_PIPELINE_TRUST_SPEC_CODE skips it,
+    and a workflow with trust_spec_code: true validates. A built-in architecture run
+    without trust, then again with it, skips it too: trust is no part of the fingerprint.
 
     Teeth: trust_spec_code added to actions.fingerprint_values: the built-in run with
     the flag refuses the scene ("published with other settings") and exits 2.
@@ -320,10 +320,12 @@ def test_a_trusted_run_and_toggling_trust_restarts_no_finished_scene(tmp_path: P
     assert run(spec, out, "--trust-spec-code", env={MARKER_ENV: str(marker)}) == [False]
     assert (out / "scene.tif").is_file() and "called" in marks(marker)
     assert run(spec, out, env={"FCN_PIPELINE_TRUST_SPEC_CODE": "1"}) == [True]
-    workflow = tmp_path / "flow.yaml"
-    workflow.write_text(f"schema: 1\ntrust_spec_code: true\nmodel: {spec}\n")
-    assert run(spec, out, "--workflow", str(workflow)) == [True]
     assert json.loads((out / "run.json").read_text())["config"]["trust_spec_code"] is True
+    workflow = tmp_path / "flow.yaml"
+    workflow.write_text(f"schema: 1\ntrust_spec_code: true\nmodel: {spec}\n"
+                        f"scenes: [{scene}]\noutput: {out}\n")
+    checked = cli("validate", str(workflow))
+    assert checked.returncode == 0 and "trust_spec_code: true" in checked.stdout, checked.stderr
     built_in = write_builtin_spec("unet-small", tmp_path / "unet", {"base": 2, "depth": 2})
     assert run(built_in, tmp_path / "out-unet") == [False]
     assert run(built_in, tmp_path / "out-unet", "--trust-spec-code") == [True]
