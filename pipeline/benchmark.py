@@ -77,9 +77,10 @@ def peak_tree_rss(command: list[str], interval: float = 0.1) -> tuple[int, int, 
 
 
 def memory_benchmark(sizes: tuple[int, ...], *, tile_size: int | None, workers: int | None,
-                     model: str = "demo", workdir: Path | None = None,
+                     model: str = "demo", trust_code: bool = False, workdir: Path | None = None,
                      log: Callable[[str], None] = print) -> list[MemoryFigure]:
-    """Generate a scene per size and measure a full ``run`` on it."""
+    """Generate a scene per size and measure a full ``run`` on it (``trust_code``: with
+    ``--trust-spec-code``)."""
     figures = []
     with tempfile.TemporaryDirectory(dir=workdir, prefix="fcn-bench-") as tmp:
         for size in sizes:
@@ -93,6 +94,8 @@ def memory_benchmark(sizes: tuple[int, ...], *, tile_size: int | None, workers: 
                 command += ["--tile-size", str(tile_size)]
             if workers:
                 command += ["--workers", str(workers)]
+            if trust_code:
+                command += ["--trust-spec-code"]
             log(f"size {size}: scene written in {generated:.1f} s; running")
             code, peak, seconds = peak_tree_rss(command)
             figures.append(MemoryFigure(size, size * size / 1e6, generated, seconds, peak, code))

@@ -27,6 +27,9 @@ from pipeline.signals import Interrupted, stop_on_signals
 
 TILE_SIZES = (512, 1024, 2048)
 EXIT_FAILED, EXIT_USAGE = 1, 2
+TRUST_HELP = ("This spec runs code: let the model spec's architecture be an import path "
+              "package.module:factory, imported and called here and on every worker (never "
+              "the standard library). Only for specs you trust.")
 
 
 class _Cli(click.Group):
@@ -97,7 +100,9 @@ def main() -> None:
 @click.option("--tile-sizes", default=",".join(map(str, TILE_SIZES)), show_default=True,
               help="Comma-separated tile sizes for the overhead columns.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def inspect(models: tuple[str, ...], tile_sizes: str, as_json: bool) -> None:
+@click.option("--trust-spec-code", is_flag=True, help=TRUST_HELP)
+def inspect(models: tuple[str, ...], tile_sizes: str, as_json: bool,
+            trust_spec_code: bool) -> None:
     """Receptive field, stride, halo and overhead of built-in architectures or model specs.
 
     MODELS are built-in names (all of them when none is given), model spec files,
@@ -109,7 +114,7 @@ def inspect(models: tuple[str, ...], tile_sizes: str, as_json: bool) -> None:
         sizes = tuple(int(s) for s in tile_sizes.split(",") if s.strip())
         if not sizes or not all(16 <= size <= 65536 for size in sizes):
             raise ConfigError(f"--tile-sizes must be sizes from 16 to 65536 px, got {tile_sizes!r}")
-        rows = inspect_rows(models, sizes)
+        rows = inspect_rows(models, sizes, trust_code=trust_spec_code)
     except PipelineError as exc:
         _fail_usage(exc)
     except ValueError as exc:
@@ -164,6 +169,7 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 @click.argument("scenes", nargs=-1)
 @click.option("--out", "output", help="Output folder (created when a scene runs).")
 @click.option("--model", help="Model spec file, or demo (the default).")
+@click.option("--trust-spec-code", is_flag=True, default=None, help=TRUST_HELP)
 @click.option("--workflow", type=click.Path(dir_okay=False),
               help="Workflow file (settings: file < FCN_PIPELINE_* environment < options).")
 @click.option("--date",
@@ -212,7 +218,8 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
               help="Print the plan (with --dry-run) or the outcome as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print what is decided for each scene.")
-def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow: str | None,
+def run(scenes: tuple[str, ...], output: str | None, model: str | None,
+        trust_spec_code: bool | None, workflow: str | None,
         date: str | None, tile_size: str | None, memory_budget: str | None,
         batch_size: int | None, device: str | None,
         scheduler: str | None, tls_ca_file: str | None, tls_cert: str | None,
@@ -242,6 +249,7 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
         settings = load_workflow(workflow, date=date) if workflow else {}
         config = resolve(settings, values_from_env(), {
             "scenes": tuple(scenes) or None, "output": output, "model": model,
+            "trust_spec_code": trust_spec_code,
             "tile_size": _tile_size(tile_size), "batch_size": batch_size, "device": device,
             "memory_budget": parse_bytes(memory_budget) if memory_budget else None,
             "scheduler": scheduler, "tls_ca_file": tls_ca_file, "tls_cert": tls_cert,
@@ -251,7 +259,10 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
             "gpu_resource": gpu_resource, "precision": precision,
             "channels_last": channels_last, "compile": compile_model,
         })
+        kube_spec = _cluster_spec(config, cluster_spec) if cluster_spec else None
         checked = preflight(config)  # before loading torch or starting a cluster
+        if checked.architecture and checked.architecture.note and not quiet:
+            click.echo(f"warning: {checked.architecture.note}", err=True)
         _check_scheduler(config, reach=not dry_run)
         if not checked.runnable:  # every scene failed its checks: no torch needed to say so
             from pipeline.report import failed_report
@@ -261,8 +272,8 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
         from pipeline.run import run as run_scenes
 
         with ExitStack() as stack:
-            if cluster == "kubernetes":
-                config = _kubernetes(stack, config, cluster_spec, dry_run)  # type: ignore[arg-type]
+            if kube_spec is not None:
+                config = _kubernetes(stack, config, kube_spec, dry_run)
             report = run_scenes(
                 config, dry_run=dry_run, checked=checked, log=say,
                 on_progress=None if quiet or as_json else _progress_printer(),
@@ -340,14 +351,20 @@ def _tile_size(text: str | None) -> int | None:
     return int(text)
 
 
-def _kubernetes(stack, config, cluster_spec: str, dry_run: bool):  # type: ignore[no-untyped-def]
-    """Start an ephemeral DaskCluster (shut down with ``stack``); point the run at it."""
-    from pipeline.kube import kube_cluster, load_cluster_spec
+def _cluster_spec(config: Any, path: str) -> dict[str, Any]:
+    """The checked ``--cluster-spec`` file, read before torch loads (a usage error)."""
+    from pipeline.kube import load_cluster_spec
 
     if config.scheduler:
         raise ConfigError("--cluster kubernetes starts its own scheduler: drop --scheduler "
                           "(or compute.scheduler)")
-    spec = load_cluster_spec(cluster_spec, gpu=True if config.device == "cuda" else None)
+    return load_cluster_spec(path, gpu=True if config.device == "cuda" else None)
+
+
+def _kubernetes(stack, config, spec, dry_run: bool):  # type: ignore[no-untyped-def]
+    """Start an ephemeral DaskCluster (shut down with ``stack``); point the run at it."""
+    from pipeline.kube import kube_cluster
+
     if dry_run:
         return config
     kube = stack.enter_context(kube_cluster(spec))
@@ -357,7 +374,8 @@ def _kubernetes(stack, config, cluster_spec: str, dry_run: bool):  # type: ignor
 @main.command()
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--date", help="Run date for {date}, YYYY-MM-DD (default: today in UTC).")
-def validate(workflow: str, date: str | None) -> None:
+@click.option("--trust-spec-code", is_flag=True, default=None, help=TRUST_HELP)
+def validate(workflow: str, date: str | None, trust_spec_code: bool | None) -> None:
     """Check a WORKFLOW file with the FCN_PIPELINE_* environment, as run would: the
     settings, the scenes it names (they exist, their headers suit the model), the model
     spec and weights, the output folder and what it holds, the scheduler address. Print
@@ -370,8 +388,11 @@ def validate(workflow: str, date: str | None) -> None:
 
     try:
         validate_workflow(workflow, date=date)  # errors that name the file's line
-        config = resolve(load_workflow(workflow, date=date), values_from_env())
+        config = resolve(load_workflow(workflow, date=date), values_from_env(),
+                         {"trust_spec_code": trust_spec_code})
         checked = preflight(config, digests=False)
+        if checked.architecture and checked.architecture.note:
+            click.echo(f"warning: {checked.architecture.note}", err=True)
         failed = [c for c in checked.scenes if c.error]
         if failed:
             raise ConfigError(f"{failed[0].error}"
@@ -413,10 +434,11 @@ def verify(directory: Path, as_json: bool) -> None:
 @click.option("--tile-size", type=int, help="Tile size for the runs (default: run's default).")
 @click.option("--workers", type=int, help="Workers of the embedded cluster.")
 @click.option("--model", default="demo", show_default=True, help="Model spec or demo.")
+@click.option("--trust-spec-code", is_flag=True, help=TRUST_HELP)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the temporary scenes go (default: the system's temporary folder).")
 def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: str,
-                 workdir: Path | None) -> None:
+                 trust_spec_code: bool, workdir: Path | None) -> None:
     """Peak memory of the whole process tree and Mpx/s of run on generated scenes."""
     from pipeline.benchmark import memory_benchmark, render_memory
 
@@ -425,6 +447,7 @@ def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: 
     except ValueError as exc:
         _fail_usage(exc)
     figures = memory_benchmark(values, tile_size=tile_size, workers=workers, model=model,
+                               trust_code=trust_spec_code,
                                workdir=workdir, log=lambda m: click.echo(m, err=True))
     click.echo(render_memory(figures))
     sys.exit(1 if any(f.exit_code for f in figures) else 0)
@@ -441,6 +464,7 @@ def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: 
               "(default: the usable cores).")
 @click.option("--repeats", default=3, show_default=True, help="Timed passes of (a), (b), (d).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--trust-spec-code", is_flag=True, help=TRUST_HELP)
 @click.option("--argument", "arguments", multiple=True, metavar="KEY=YAML",
               help="Factory argument of a built-in architecture, e.g. base=4 (repeatable).")
 @click.option("--skip-run", is_flag=True, help="Leave out (c), the end-to-end run.")
@@ -450,26 +474,27 @@ def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: 
 @click.option("--scaling", help="Instead: end-to-end runs with these worker counts (e.g. 1,2) "
               "and their parallel efficiency.")
 def bench(model: str, size: int, tile_size: int | None, workers: int | None,
-          threads: int | None, repeats: int, device: str, arguments: tuple[str, ...],
+          threads: int | None, repeats: int, device: str, trust_spec_code: bool,
+          arguments: tuple[str, ...],
           skip_run: bool, workdir: Path | None, as_json: bool, scaling: str | None) -> None:
     """Throughput of (a) the bare model, (b) exact tiling in memory, (c) run end to end and
     (d) 25 percent overlap sliding windows, on one generated scene, with their ratios."""
-    import yaml
-
     from pipeline.throughput import (
         render_scaling,
         render_throughput,
         scaling_benchmark,
         throughput_benchmark,
     )
+    from pipeline.yaml_input import parse_yaml
 
     if scaling:
         try:
             counts = [int(v) for v in scaling.split(",") if v.strip()]
-        except ValueError as exc:
+            rows = scaling_benchmark(model, size=size, workers=counts, tile_size=tile_size,
+                                     trust_code=trust_spec_code, workdir=workdir,
+                                     log=lambda m: click.echo(m, err=True))
+        except (ValueError, ModelError) as exc:
             _fail_usage(exc)
-        rows = scaling_benchmark(model, size=size, workers=counts, tile_size=tile_size,
-                                 workdir=workdir, log=lambda m: click.echo(m, err=True))
         click.echo(json.dumps(rows, indent=2) if as_json else render_scaling(rows, size))
         sys.exit(1 if any(r["exit_code"] for r in rows) else 0)
     try:
@@ -478,10 +503,12 @@ def bench(model: str, size: int, tile_size: int | None, workers: int | None,
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
                 raise ConfigError(f"--argument must be KEY=VALUE, got {item!r}")
-            kwargs[key.strip()] = yaml.safe_load(value)
+            kwargs[key.strip()] = parse_yaml(value, source=f"--argument {key.strip()}",
+                                             what="value").data
         result = throughput_benchmark(
             model, size=size, tile_size=tile_size, workers=workers, threads=threads,
             repeats=repeats, device=device, arguments=kwargs or None, end_to_end=not skip_run,
+            trust_code=trust_spec_code,
             workdir=workdir, log=lambda m: click.echo(m, err=True))
     except (ConfigError, ModelError) as exc:
         _fail_usage(exc)
@@ -519,7 +546,8 @@ def demo_train(out: Path, seed: int, steps: int, threads: int) -> None:
 @click.option("--size", default=1024, show_default=True, help="Pixels per side of each scene.")
 @click.option("--seeds", default="9000,9001,9002,9003", show_default=True,
               help="Held-out scene seeds (training uses 1000 and up).")
-def demo_evaluate(model: str, size: int, seeds: str) -> None:
+@click.option("--trust-spec-code", is_flag=True, help=TRUST_HELP)
+def demo_evaluate(model: str, size: int, seeds: str, trust_spec_code: bool) -> None:
     """Pixel accuracy and IoU of the demo model on held-out generated scenes."""
     from pipeline.demo import evaluate_demo
     from pipeline.model import build_model
@@ -527,7 +555,7 @@ def demo_evaluate(model: str, size: int, seeds: str) -> None:
 
     try:
         spec = load_spec(model)
-        fcn = build_model(spec)
+        fcn = build_model(spec, trust_code=trust_spec_code)
         values = [int(s) for s in seeds.split(",") if s.strip()]
     except (ValueError, PipelineError) as exc:
         _fail_usage(exc)

@@ -29,7 +29,8 @@ _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 
 #: Section -> key -> (attribute of RunConfig, type). The tree users write.
 _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
-    "": {"scenes": ("scenes", list), "model": ("model", str), "output": ("output", str)},
+    "": {"scenes": ("scenes", list), "model": ("model", str), "output": ("output", str),
+         "trust_spec_code": ("trust_spec_code", bool)},
     "tiling": {
         "tile_size": ("tile_size", int),
         "batch_size": ("batch_size", int),
@@ -61,6 +62,9 @@ class RunConfig:
     scenes: tuple[str, ...] = ()
     model: str = "demo"
     output: str = ""
+    #: The model spec's import path may run (``--trust-spec-code``); it decides no output,
+    #: so it is no part of a scene's fingerprint.
+    trust_spec_code: bool = False
     tile_size: int | None = None
     batch_size: int = 1
     memory_budget: int | None = None

@@ -325,7 +325,7 @@ def _spec_text(digest: str, normalization: Normalization, options: str) -> str:
     spec = {
         "schema": 1,
         "name": "demo",
-        "architecture": "pipeline.demo:demo_fcn",
+        "architecture": "demo-fcn",
         "arguments": {"num_classes": len(CLASSES)},
         "weights": WEIGHTS_NAME,
         "sha256": digest,

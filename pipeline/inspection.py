@@ -23,7 +23,7 @@ class InspectRow:
     overheads: tuple[float, ...]
 
 
-def _build(name: str) -> nn.Module:
+def _build(name: str, trust_code: bool) -> nn.Module:
     from pipeline import models
 
     if name in models.ARCHITECTURES:
@@ -32,16 +32,22 @@ def _build(name: str) -> nn.Module:
     from pipeline.model import build_model
     from pipeline.modelspec import load_spec
 
-    return build_model(load_spec(name))
+    return build_model(load_spec(name), trust_code=trust_code)
 
 
-def inspect_rows(names: tuple[str, ...], tile_sizes: tuple[int, ...]) -> list[InspectRow]:
-    """Analyse each model (all built-ins when ``names`` is empty)."""
+def inspect_rows(names: tuple[str, ...], tile_sizes: tuple[int, ...], *,
+                 trust_code: bool = False) -> list[InspectRow]:
+    """Analyse each model (all built-ins when ``names`` is empty); ``trust_code`` lets a
+    spec's import path run (see :func:`pipeline.model.build_model`).
+
+    Raises:
+        PipelineError: a spec, its weights or its network cannot be used (one line).
+    """
     from pipeline import models
 
     rows = []
     for name in names or tuple(models.ARCHITECTURES):
-        module = _build(name)
+        module = _build(name, trust_code)
         field = receptive_field(module)
         coarse = None
         features, head = getattr(module, "features", None), getattr(module, "head", None)

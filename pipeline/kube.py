@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.workflow import read_yaml
+from pipeline.yaml_input import read_yaml
 
 API_VERSION = "kubernetes.dask.org/v1"
 KIND = "DaskCluster"
@@ -154,7 +154,9 @@ def load_cluster_spec(path: str | PathLike[str], *, gpu: bool | None = None) -> 
     ``--resources GPU=<n>`` with ``n`` the number of GPUs in its limits.
     Errors are ConfigErrors naming the file and the field.
     """
-    data, _ = read_yaml(Path(path), what="cluster spec")
+    data = read_yaml(Path(path), what="cluster spec").data
+    if data is None:
+        raise ConfigError(f"{path}: the cluster spec is empty")
     return check_cluster_spec(data, source=str(path), gpu=gpu)
 
 

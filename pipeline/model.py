@@ -1,10 +1,14 @@
 """Models from specs: build the network, load its checked weights, keep one per process.
 
 The weights file is read once into memory, hashed and checked against the spec's
-``sha256`` *before* anything is deserialised, then loaded from those same bytes,
-so the weights used are exactly the weights checked. ``.safetensors`` files and
-PyTorch state dicts (``.pt``/``.pth``, read with ``torch.load(weights_only=True)``)
-are accepted; pickled modules or other objects are refused, never unpickled.
+``sha256`` *before* anything is deserialised or any factory imported or called,
+then loaded from those same bytes, so the weights used are exactly the weights
+checked. The factory is the one :func:`pipeline.architectures.resolve_architecture`
+allows: a built-in, one an installed package registers, or an import path only when
+the caller trusts the spec's code (``trust_code``). ``.safetensors`` files and
+PyTorch state dicts (``.pt``/``.pth``, read by torch's restricted unpickler, which
+builds tensors and plain containers only) are accepted; pickled modules or other
+objects are refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import importlib
 import io
 import os
 import pickle
+import re
 import tempfile
 import threading
+import types
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +32,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from pipeline.architectures import IMPORT_PATH_KIND, refuse_standard_library, resolve_architecture
 from pipeline.errors import ModelError
 from pipeline.modelspec import (
     ModelSpec,
@@ -39,36 +46,50 @@ _FEW = 5
 
 # The one piece of global mutable state in the package: a per-process model cache,
 # so a Dask worker builds each model once and keeps it for every task it runs.
-# Keyed by (spec path, sha256 of the weights, device); guarded by _MODELS_LOCK,
-# which is held while a model loads, so threads of one worker never load twice.
-_MODELS: dict[tuple[str, str, str, bool, bool], tuple[ModelSpec, nn.Module]] = {}
+# Keyed by (spec path, sha256 of the weights, device, channels_last, compile, trust);
+# guarded by _MODELS_LOCK, which is held while a model loads, so threads of one worker
+# never load twice.
+_MODELS: dict[tuple[str, str, str, bool, bool, bool], tuple[ModelSpec, nn.Module]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def build_model(spec: ModelSpec, *, device: str = "cpu") -> nn.Module:
+def build_model(spec: ModelSpec, *, device: str = "cpu", trust_code: bool = False) -> nn.Module:
     """The network a spec describes, with its weights loaded (strict), in eval mode, on ``device``.
 
+    Args:
+        spec: The model spec.
+        device: A torch device name.
+        trust_code: The caller trusts the spec's code: an import path
+            ``package.module:factory`` may be imported and called (never one into the
+            standard library). Without it only built-in and registered architectures run.
+
     Raises:
-        ModelSpecError: the weights file is missing or does not match ``spec.sha256``;
-            the architecture is unknown or its import path does not resolve.
+        ModelSpecError: the weights file is missing or does not match ``spec.sha256``
+            (checked before any factory is imported); the architecture is unknown, an
+            import path without ``trust_code``, leads into the standard library, or
+            does not resolve.
         ModelError: the factory fails, the weights are not a plain state dict, or they
             do not fit the network (missing, unexpected or mis-shaped tensors).
     """
     data = _read_weights(spec)
     check_digest(spec, hashlib.sha256(data).hexdigest())
-    return _assemble(spec, data, device)
+    return _assemble(spec, data, device, trust_code)
 
 
 def cached_model(spec_path: str, sha256: str, device: str, *, channels_last: bool = False,
-                 compile: bool = False) -> tuple[ModelSpec, nn.Module]:
+                 compile: bool = False, trust_code: bool = False) -> tuple[ModelSpec, nn.Module]:
     """The spec and model for a task, built on first use in this process and kept.
 
     ``sha256`` is the weights' digest that the client computed while planning
     (:func:`pipeline.modelspec.verify_weights`); on first load the file is checked
     against it, so a worker never runs weights other than those planned. The spec
     is read once per key: edit a spec's YAML between runs in a fresh process.
+    ``trust_code`` is the client's decision (it travels in the task's model
+    reference): a worker refuses a spec's import path on its own unless the run
+    trusted the spec's code, whatever the client checked. Errors as :func:`build_model`.
     """
-    key = (str(spec_path), sha256.strip().lower(), str(device), channels_last, compile)
+    key = (str(spec_path), sha256.strip().lower(), str(device), channels_last, compile,
+           trust_code)
     with _MODELS_LOCK:
         entry = _MODELS.get(key)
         if entry is None:
@@ -82,7 +103,7 @@ def cached_model(spec_path: str, sha256: str, device: str, *, channels_last: boo
                     f"planned: its sha256 is {digest}, the task expects {key[1]}; plan the run "
                     "again"
                 )
-            module = _assemble(spec, data, device)
+            module = _assemble(spec, data, device, trust_code)
             if channels_last:
                 # Module.to takes memory_format at runtime; torch's overloads omit it
                 module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -132,8 +153,10 @@ def _read_weights(spec: ModelSpec) -> bytes:
         raise spec.error("weights", f"file {spec.weights} cannot be read ({exc})") from exc
 
 
-def _assemble(spec: ModelSpec, data: bytes, device: str) -> nn.Module:
-    module = _instantiate(spec)
+def _assemble(spec: ModelSpec, data: bytes, device: str, trust_code: bool) -> nn.Module:
+    """The network with the weights ``data``, which the caller has checked against the
+    spec's sha256: only then is the factory imported and called."""
+    module = _instantiate(spec, trust_code)
     _load_state(spec, module, _state_dict(spec, data))
     module.eval()
     try:
@@ -144,57 +167,43 @@ def _assemble(spec: ModelSpec, data: bytes, device: str) -> nn.Module:
         ) from exc
 
 
-def _factory(spec: ModelSpec) -> Callable[..., Any]:
-    if spec.is_import_path:
-        return _import_factory(spec)
+def _factory(spec: ModelSpec, trust_code: bool) -> Callable[..., Any]:
+    """Import the factory the spec names, once :func:`resolve_architecture` allowed it."""
+    architecture = resolve_architecture(spec, trust_code=trust_code)
+    name = spec.architecture
+    if architecture.kind != IMPORT_PATH_KIND:
+        name = f"{name} ({architecture.target}, {architecture.origin})"
     try:
-        models = importlib.import_module("pipeline.models")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pipeline.models":
-            raise
-        raise ModelError(
-            f"{spec.source}: architecture {spec.architecture} is a built-in name, but this "
-            "installation has no built-in architectures (pipeline.models is missing); give an "
-            "import path package.module:factory instead"
-        ) from exc
-    known: Mapping[str, Callable[..., Any]] = models.ARCHITECTURES
-    if spec.architecture not in known:
+        target: Any = importlib.import_module(architecture.module)
+    except Exception as exc:  # importing runs the package's code: any error is theirs to see
         raise spec.error(
             "architecture",
-            f"{spec.architecture!r} is not a built-in architecture "
-            f"(known: {', '.join(sorted(known))}); for your own network give an import path "
-            "package.module:factory",
-        )
-    return known[spec.architecture]
-
-
-def _import_factory(spec: ModelSpec) -> Callable[..., Any]:
-    module_name, _, attribute = spec.architecture.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as exc:  # importing runs the user's code: any error is theirs to see
-        raise spec.error(
-            "architecture",
-            f"{spec.architecture}: cannot import module {module_name} "
+            f"{name}: cannot import module {architecture.module} "
             f"({type(exc).__name__}: {exc}); is it installed on every worker?",
         ) from exc
-    for part in attribute.split("."):
+    for part in architecture.attribute.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
             raise spec.error(
-                "architecture", f"{spec.architecture}: {module_name} has no attribute {attribute}"
+                "architecture",
+                f"{name}: {architecture.module} has no attribute {architecture.attribute}",
             ) from None
+        # an attribute that leads back into the standard library (mypkg:os.system)
+        origin = target.__name__ if isinstance(target, types.ModuleType) else \
+            getattr(target, "__module__", None)
+        if isinstance(origin, str):
+            refuse_standard_library(spec, origin, f"({architecture.target})")
     if not callable(target):
         raise spec.error(
             "architecture",
-            f"{spec.architecture}: {attribute} is a {type(target).__name__}, not a callable",
+            f"{name}: {architecture.attribute} is a {type(target).__name__}, not a callable",
         )
     return target
 
 
-def _instantiate(spec: ModelSpec) -> nn.Module:
-    factory = _factory(spec)
+def _instantiate(spec: ModelSpec, trust_code: bool) -> nn.Module:
+    factory = _factory(spec, trust_code)
     kwargs = spec.arguments.thaw()
     try:
         module = factory(**kwargs)
@@ -221,45 +230,62 @@ def _state_dict(spec: ModelSpec, data: bytes) -> Mapping[str, torch.Tensor]:
                 f"{spec.source}: weights {name} is not a valid safetensors file ({exc})"
             ) from exc
     try:
-        # weights_only=True: tensors and plain containers only, never arbitrary pickle.
+        # torch's restricted unpickler: tensors and plain containers only, never objects.
         with warnings.catch_warnings():  # torch's advice on legacy files: not ours to print
             warnings.simplefilter("ignore")
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "WeightsUnpickler" not in str(exc):
-            raise ModelError(
-                f"{spec.source}: weights {name} is not a PyTorch file ({exc})"
-            ) from exc
-        raise ModelError(
-            f"{spec.source}: weights {name} is not a plain state dict: "
-            f"torch.load(weights_only=True) refuses it ({_unpickler_reason(exc)}). Pickled "
-            "modules and other objects are never loaded; save module.state_dict() instead, "
-            "or write .safetensors with pipeline.model.save_weights"
-        ) from exc
+        # Not chained: torch's text advises loading the file unrestricted, which runs it.
+        raise ModelError(_pickle_refusal(spec, exc)) from None
     except (RuntimeError, EOFError, ValueError) as exc:
-        raise ModelError(f"{spec.source}: weights {name} is not a PyTorch file ({exc})") from exc
+        raise ModelError(
+            f"{spec.source}: weights {name} is not a PyTorch file ({_torch_reason(exc)})"
+        ) from None
     if not isinstance(state, Mapping):
         raise ModelError(
             f"{spec.source}: weights {name} holds a {type(state).__name__}, not a state dict "
-            "(a mapping of parameter names to tensors)"
+            f"(a mapping of parameter names to tensors); {_convert(spec)}"
         )
     others = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if others:
         raise ModelError(
             f"{spec.source}: weights {name} is not a plain state dict: {len(others)} entries are "
-            f"not tensors ({_few(others)}); if it is a training checkpoint, save its model's "
-            "state_dict() on its own"
+            f"not tensors ({_few(others)}); if it is a training checkpoint, {_convert(spec)}"
         )
     return state
 
 
-def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
-    """The first sentence of torch's WeightsUnpickler complaint, without its allowlist advice."""
-    for line in str(exc).splitlines():
-        if "WeightsUnpickler error:" in line:
-            reason = line.split("WeightsUnpickler error:", 1)[1].split(". ", 1)[0].strip()
-            return reason or "unsupported content"
-    return "unsupported content"
+def _convert(spec: ModelSpec) -> str:
+    """What to do with weights that are not a plain state dict: one line of Python that
+    writes safetensors from the model object where it was trained, unpickling nothing."""
+    target = f"{spec.weights.stem}.safetensors"
+    return (f"convert it where the model was trained: safetensors.torch.save_file("
+            f"model.state_dict(), {target!r}), then set weights: {target} in the spec")
+
+
+_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+
+
+def _pickle_refusal(spec: ModelSpec, exc: pickle.UnpicklingError) -> str:
+    """Why torch's restricted unpickler refused the weights, in our words only."""
+    name = spec.weights.name
+    found = _GLOBAL.search(str(exc))
+    if found is None:
+        return (f"{spec.source}: weights {name} is not a PyTorch state dict (its pickle cannot "
+                f"be read as tensors and plain containers: damaged, or not one); {_convert(spec)}")
+    return (f"{spec.source}: weights {name} is a pickle that refers to {found.group(1)} (a "
+            "pickled module or other object, not a state dict of tensors); it is never "
+            f"unpickled here, as unpickling can run any code: {_convert(spec)}")
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """The first line of torch's complaint, unless it is advice on how to load the file
+    unrestricted."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if not first or "weights_only" in first or "safe_globals" in first:
+        return type(exc).__name__
+    return first
 
 
 def _load_state(spec: ModelSpec, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -1,8 +1,10 @@
 """Model specs: the small YAML file that lets a user bring their own model.
 
-A spec names the network (a built-in architecture or a ``package.module:factory``
-import path), its weights and their checksum, which scene bands feed it and how
-they are normalised, how nodata is handled and what the output classes are::
+A spec names the network (a built-in architecture, one an installed package
+registers, or a ``package.module:factory`` import path: which of them may run is
+decided by :mod:`pipeline.architectures`), its weights and their checksum, which
+scene bands feed it and how they are normalised, how nodata is handled and what
+the output classes are::
 
     schema: 1
     name: demo
@@ -37,7 +39,7 @@ import math
 import re
 import sys
 import zipfile
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from os import PathLike
@@ -46,10 +48,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import yaml
 
 from pipeline.errors import ModelSpecError
 from pipeline.labels import DEFAULT_NODATA, LabelClass, label_dtype
+from pipeline.yaml_input import read_yaml
 
 if TYPE_CHECKING:
     if sys.version_info >= (3, 11):
@@ -193,16 +195,18 @@ def _source(path: Path | None) -> str:
 
 
 def load_spec(source: str | PathLike[str]) -> ModelSpec:
-    """Read and validate a spec: ``"demo"`` (the bundled demo model) or a YAML file path."""
+    """Read and validate a spec: ``"demo"`` (the bundled demo model) or a YAML file path.
+
+    The file is read by :func:`pipeline.yaml_input.read_yaml` (at most 1 MiB, nested
+    at most 64 levels, no anchors, aliases, merge keys or repeated keys). Nothing the
+    spec names is imported.
+
+    Raises:
+        ModelSpecError: one line naming the file (and the line or the field): it cannot
+            be read, is not such YAML, or a field is missing, unknown or invalid.
+    """
     path = _demo_path() if source == DEMO else Path(source).expanduser().absolute()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelSpecError(f"{path}: cannot read the model spec ({exc})") from exc
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
-    except yaml.YAMLError as exc:
-        raise ModelSpecError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path, what="model spec", error=ModelSpecError).data
     return parse_spec(data, path=path)
 
 
@@ -223,23 +227,6 @@ def _demo_path() -> Path:
             "as plain files (pip install, not a zip) so its weights can be read"
         )
     return resource
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable):
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f"found duplicate key {key!r}", key_node.start_mark,
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 # --------------------------------------------------------------------------- validation

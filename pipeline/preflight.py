@@ -5,7 +5,9 @@ make. So before the first import of torch, :func:`preflight`:
 
 - checks the TLS files a ``tls://`` scheduler needs (:func:`pipeline.tls.check_tls`);
 - expands the scene arguments as users type them (:func:`expand_scenes`);
-- reads the model spec and checks its weights file;
+- reads the model spec, decides whether the code its architecture names may run
+  (:func:`pipeline.architectures.resolve_architecture`: an import path needs
+  ``--trust-spec-code``; nothing is imported here) and checks its weights file;
 - checks that the output folder is, or can be made, a writable folder, without
   creating it (it is created only when a scene will run);
 - names each scene's outputs, and refuses outputs that would replace an input
@@ -26,6 +28,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.architectures import Architecture, resolve_architecture
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, PipelineError, SceneError
 from pipeline.journal import (
@@ -77,6 +80,8 @@ class Preflight:
     spec: ModelSpec
     weights_sha256: str
     scenes: tuple[SceneCheck, ...] = field(default_factory=tuple)
+    #: Where the spec's network factory comes from (allowed for this run).
+    architecture: Architecture | None = None
 
     @property
     def runnable(self) -> list[SceneCheck]:
@@ -213,10 +218,18 @@ def _regular_file_problem(path: str) -> str | None:
     return f"{Path(path).name} is {kind} ({path}); pass a GeoTIFF file"
 
 
-def load_model_spec(config: RunConfig) -> tuple[ModelSpec, str]:
-    """The run's model spec and the sha256 of its weights (checked against the spec's)."""
+def load_model_spec(config: RunConfig) -> tuple[ModelSpec, str, Architecture]:
+    """The run's model spec, the sha256 of its weights (checked against the spec's) and
+    where its network factory comes from; nothing the spec names is imported.
+
+    Raises:
+        ModelSpecError: the spec or its weights are bad; its architecture is unknown, or
+            an import path the run does not trust (``config.trust_spec_code``), or leads
+            into the standard library.
+    """
     spec = load_spec(config.model)
-    return spec, verify_weights(spec)
+    architecture = resolve_architecture(spec, trust_code=config.trust_spec_code)
+    return spec, verify_weights(spec), architecture
 
 
 def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool) -> SceneCheck:
@@ -267,7 +280,7 @@ def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
               tls_files(config.tls_ca_file, config.tls_cert, config.tls_key))
     out_dir = output_dir(config)
     paths = expand_scenes(config.scenes, out_dir)
-    spec, weights_sha256 = load_model_spec(config)
+    spec, weights_sha256, architecture = load_model_spec(config)
     check_output_dir(out_dir)
     owners = stem_owners(out_dir) if out_dir.is_dir() else {}
     outputs = name_outputs(paths, out_dir, owners)
@@ -284,7 +297,7 @@ def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
         cache = DigestCache(out_dir if out_dir.is_dir() else None)
         checks = [_with_digest(c, cache) for c in checks]
         check_signals()
-    return Preflight(config, out_dir, spec, weights_sha256, tuple(checks))
+    return Preflight(config, out_dir, spec, weights_sha256, tuple(checks), architecture)
 
 
 def _with_digest(check: SceneCheck, cache: DigestCache) -> SceneCheck:

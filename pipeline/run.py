@@ -214,7 +214,8 @@ def run(config: RunConfig, *, dry_run: bool = False,
                for c in checked.scenes]
     if not checked.runnable:
         return failed_report([(r.scene, r.stem, r.error) for r in results], NO_SCENE)
-    model = analyse_model(checked.spec, checked.weights_sha256)
+    model = analyse_model(checked.spec, checked.weights_sha256,
+                          trust_code=config.trust_spec_code)
     remote = bool(config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"))
     device = _resolve_device(config.device, remote)
     for check in checked.runnable:
@@ -391,7 +392,7 @@ def _work(config: RunConfig, checked: Preflight, scenes: list[_Scene],
         str(model.spec.path), model.sha256, device, config.threads_per_worker,
         precision=config.precision,
         channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
-        compile=config.compile,
+        compile=config.compile, trust_code=config.trust_spec_code,
     )
     gpu = device == "cuda" if config.gpu_resource is None else config.gpu_resource
     cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker, gpu=gpu,

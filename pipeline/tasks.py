@@ -1,7 +1,8 @@
 """The work of Dask tasks: predict a batch of tiles, publish a finished scene.
 
 A task receives paths, boxes and a model reference (spec path + weights
-sha256 + device), never open files or weights. It reads only its windows,
+sha256 + device + whether the run trusts the spec's code), never open files or
+weights. It reads only its windows,
 runs the model its worker process loaded once (:func:`cached_model`), crops
 each window's output to its core tile and writes that tile's Zarr chunk and its
 share of the COG's overview levels, then records the tile with the checksums of
@@ -75,6 +76,8 @@ class ModelRef:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    #: The run trusts the spec's code: a worker builds an import-path architecture only then.
+    trust_code: bool = False
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -203,7 +206,8 @@ def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, .
         return BatchStats(len(tiles), 0, sum(t.core.area for t in tiles), 0.0)
     _prepare_torch(model_ref.threads)
     spec, model = cached_model(model_ref.spec_path, model_ref.sha256, model_ref.device,
-                               channels_last=model_ref.channels_last, compile=model_ref.compile)
+                               channels_last=model_ref.channels_last, compile=model_ref.compile,
+                               trust_code=model_ref.trust_code)
     inferred = 0
     read_s = model_s = write_s = 0.0
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="read") as pool:

@@ -124,9 +124,10 @@ def write_builtin_spec(name: str, directory: Path, arguments: Mapping[str, Any] 
 
 
 def load_bench_model(model: str, directory: Path, *, device: str = "cpu",
-                     arguments: Mapping[str, Any] | None = None) -> BenchModel:
+                     arguments: Mapping[str, Any] | None = None,
+                     trust_code: bool = False) -> BenchModel:
     """``demo``, a spec path or a built-in architecture name (random weights, spec written
-    into ``directory``), built on ``device``."""
+    into ``directory``), built on ``device``; ``trust_code`` lets a spec's import path run."""
     from pipeline.models import ARCHITECTURES
 
     if model in ARCHITECTURES and not Path(model).is_file():
@@ -140,7 +141,8 @@ def load_bench_model(model: str, directory: Path, *, device: str = "cpu",
     if max(spec.bands) > 3:
         raise ConfigError(f"{spec.source}: bands {list(spec.bands)} ask for band "
                           f"{max(spec.bands)}; the generated scenes have 3 bands")
-    return BenchModel(model, spec, build_model(spec, device=device), device)
+    return BenchModel(model, spec, build_model(spec, device=device, trust_code=trust_code),
+                      device)
 
 
 def model_input(bench: BenchModel, raw: np.ndarray) -> np.ndarray:
@@ -305,11 +307,12 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _cli(scene: Path, out: Path, spec: Path, tile: int | None, workers: int, threads: int,
-         device: str) -> list[str]:
+         device: str, trust_code: bool) -> list[str]:
     command = [sys.executable, "-m", "pipeline.cli", "run", str(scene), "--out", str(out),
                "--model", str(spec), "--workers", str(workers),
                "--threads-per-worker", str(threads), "--device", device]
-    return command + (["--tile-size", str(tile)] if tile else [])
+    return (command + (["--tile-size", str(tile)] if tile else [])
+            + (["--trust-spec-code"] if trust_code else []))
 
 
 def planned_tile_size(command: list[str]) -> tuple[int, str]:
@@ -436,6 +439,7 @@ def throughput_benchmark(
     raw_sizes: Sequence[int] = RAW_SIZES,
     arguments: Mapping[str, Any] | None = None,
     end_to_end: bool = True,
+    trust_code: bool = False,
     workdir: Path | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
@@ -453,6 +457,7 @@ def throughput_benchmark(
         repeats: timed passes of (a), (b), (d) after a warm-up; the best counts.
         device: ``cpu`` or ``cuda`` for (a), (b), (d); passed to the run as ``--device``.
         end_to_end: False skips (c) (its figures and ratios are then None).
+        trust_code: the spec's import path may run, here and in (c) (``--trust-spec-code``).
         workdir: where the temporary scene, spec and outputs go.
         log: progress messages.
 
@@ -465,7 +470,8 @@ def throughput_benchmark(
     per_worker = 1 if cuda else max(1, threads // workers)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="fcn-throughput-") as tmp_name:
         tmp = Path(tmp_name)
-        bench = load_bench_model(model, tmp / "model", device=device, arguments=arguments)
+        bench = load_bench_model(model, tmp / "model", device=device, arguments=arguments,
+                                 trust_code=trust_code)
         out, command, reason = tmp / "out", None, "as given"
         if end_to_end or tile_size is None:
             t0 = time.perf_counter()
@@ -474,9 +480,10 @@ def throughput_benchmark(
             spec_path = bench.spec.path or Path(model)
             if tile_size is None:
                 tile_size, reason = planned_tile_size(
-                    _cli(scene, out, spec_path, None, workers, per_worker, device))
+                    _cli(scene, out, spec_path, None, workers, per_worker, device, trust_code))
                 log(f"tile size {tile_size} px ({reason})")
-            command = _cli(scene, out, spec_path, tile_size, workers, per_worker, device)
+            command = _cli(scene, out, spec_path, tile_size, workers, per_worker, device,
+                           trust_code)
         result: dict[str, Any] = {
             "model": model, "device": device, "threads": threads, "size": size,
             "megapixels": size * size / 1e6, "tile_size": tile_size, "tile_reason": reason,
@@ -647,9 +654,11 @@ def render_throughput(result: Mapping[str, Any]) -> str:
 
 
 def scaling_benchmark(model: str = "demo", *, size: int = 4096, workers: Sequence[int] = (1, 2),
-                      tile_size: int | None = None, workdir: Path | None = None,
-                      log: Log = print) -> list[dict[str, Any]]:
+                      tile_size: int | None = None, trust_code: bool = False,
+                      workdir: Path | None = None, log: Log = print) -> list[dict[str, Any]]:
     """End-to-end ``run`` throughput with N single-threaded workers, and parallel efficiency.
+
+    ``trust_code`` lets the spec's import path run (``--trust-spec-code``).
 
     Efficiency of N workers is their throughput over N times the throughput of one,
     measured on the run's own time (from submitting tiles to the published COG) and on
@@ -658,12 +667,12 @@ def scaling_benchmark(model: str = "demo", *, size: int = 4096, workers: Sequenc
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=workdir, prefix="fcn-scaling-") as tmp_name:
         tmp = Path(tmp_name)
-        bench = load_bench_model(model, tmp / "model")
+        bench = load_bench_model(model, tmp / "model", trust_code=trust_code)
         scene = write_sample_scenes(tmp / "scene", size=size, count=1, seed=SCENE_SEED)[0].scene
         spec_path = bench.spec.path or Path(model)
         for n in workers:
             out = tmp / f"out-{n}"
-            command = _cli(scene, out, spec_path, tile_size, n, 1, "cpu")
+            command = _cli(scene, out, spec_path, tile_size, n, 1, "cpu", trust_code)
             log(f"scaling: {n} worker(s)")
             rows.append({"workers": n, **run_end_to_end(command, out, size * size)})
     base = rows[0]

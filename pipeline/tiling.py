@@ -46,15 +46,17 @@ class AnalysedModel:
     module: torch.nn.Module
 
 
-def analyse_model(spec: ModelSpec, sha256: str) -> AnalysedModel:
+def analyse_model(spec: ModelSpec, sha256: str, *, trust_code: bool = False) -> AnalysedModel:
     """Build ``spec``'s network (weights ``sha256``) and derive its receptive field.
+
+    ``trust_code``: the run trusts the spec's code (see :func:`pipeline.model.build_model`).
 
     Raises:
         ModelError: the network's first convolution takes another number of channels
             than the spec lists bands, or it cannot be built.
         ModelAnalysisError: its receptive field cannot be derived.
     """
-    module = build_model(spec)
+    module = build_model(spec, trust_code=trust_code)
     channels = input_channels(module, len(spec.bands))
     if channels is not None and channels != len(spec.bands):
         raise ModelError(

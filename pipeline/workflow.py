@@ -9,22 +9,21 @@ variables and the command line (see ``workflows/README.md``).
 (scenes, output, model) are left as written: they are relative to the
 current directory of the run, not to the workflow file.
 
-Pure: reads one YAML file, imports neither torch nor dask.
+Pure: reads one YAML file (:mod:`pipeline.yaml_input`), imports neither torch nor dask.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.config import RunConfig, resolve, values_from_tree
 from pipeline.errors import ConfigError
+from pipeline.yaml_input import read_yaml
 
 #: The placeholder replaced by the run date, and the top-level keys it is replaced in.
 DATE_PLACEHOLDER = "{date}"
@@ -49,76 +48,6 @@ def run_date(date: str | None = None) -> str:
     except ValueError as exc:
         raise ConfigError(f"date {date} is not a calendar date ({exc})") from exc
     return date
-
-
-# --------------------------------------------------------------------------- reading YAML
-
-
-class _DuplicateKeyError(yaml.constructor.ConstructorError):
-    """A key repeated in one mapping."""
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable):
-                if key in seen:
-                    raise _DuplicateKeyError(
-                        None, None,
-                        f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark,
-                    )
-                seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
-    """Dotted key path -> line number (1-based) of each mapping key, two levels deep."""
-    lines: dict[str, int] = {}
-    if not isinstance(node, yaml.MappingNode):
-        return lines
-    for key_node, value_node in node.value:
-        if isinstance(key_node, yaml.ScalarNode):
-            name = f"{prefix}{key_node.value}"
-            lines.setdefault(name, key_node.start_mark.line + 1)
-            if not prefix:
-                lines.update({k: v for k, v in _key_lines(value_node, f"{name}.").items()
-                              if k not in lines})
-    return lines
-
-
-def read_yaml(path: str | PathLike[str], *, what: str = "workflow") -> tuple[Any, dict[str, int]]:
-    """The document in ``path`` and the line of each key; ConfigError names file and line.
-
-    ``what`` names the kind of file in messages ("workflow", "cluster spec").
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"{path}: cannot read the {what} ({reason})") from exc
-    loader = _UniqueKeyLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        if isinstance(exc, _DuplicateKeyError):
-            raise ConfigError(f"{where}: {problem}; a key may appear once per mapping") from exc
-        raise ConfigError(f"{where}: the {what} is not valid YAML: {problem}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: the {what} is not valid YAML: {exc}") from exc
-    finally:
-        loader.dispose()
-    if data is None:
-        raise ConfigError(f"{path}: the {what} is empty")
-    return data, _key_lines(node)
 
 
 # --------------------------------------------------------------------------- workflows
@@ -172,10 +101,13 @@ def _strings(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]
 
 def _load(
     path: str | PathLike[str], date: str | None
-) -> tuple[dict[str, Any], Path, dict[str, int]]:
+) -> tuple[dict[str, Any], Path, Mapping[str, int]]:
     path = Path(path)
     day = run_date(date)
-    tree, lines = read_yaml(path, what="workflow")
+    document = read_yaml(path, what="workflow")
+    tree, lines = document.data, document.lines
+    if tree is None:
+        raise ConfigError(f"{path}: the workflow is empty")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a workflow is a mapping (schema: 1, scenes, model, ...), "
                           f"not a {type(tree).__name__}")

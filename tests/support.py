@@ -255,7 +255,8 @@ def make_reference(scenes_dir: Path, out: Path) -> Reference:
 def unet_spec(folder: Path, architecture: str, name: str) -> Path:
     """A spec of a tiny U-Net behind a test wrapper (``tests.crash_models:ARCH``) with
     random weights, for 3-band scenes of 4 classes; the processes that load it need the
-    project root on PYTHONPATH (:func:`child_env`)."""
+    project root on PYTHONPATH (:func:`child_env`), and a run of it ``--trust-spec-code``
+    (its architecture is an import path)."""
     from pipeline.model import save_weights
     from tests import crash_models
 

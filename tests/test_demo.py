@@ -106,7 +106,7 @@ def test_tiled_prediction_equals_whole_image() -> None:
 
 def test_packaged_spec_and_weights() -> None:
     spec = load_spec(SPEC)
-    assert spec.architecture == "pipeline.demo:demo_fcn"
+    assert spec.architecture == "demo-fcn"
     assert spec.weights == SPEC.parent / demo.WEIGHTS_NAME
     assert file_sha256(spec.weights) == spec.sha256
     assert spec.weights.stat().st_size < 2_000_000

@@ -224,7 +224,8 @@ def test_non_finite_scores_are_labelled_nodata(tmp_path: Path) -> None:
     (tmp_path / "log.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
     done = run_cli("run", str(scene), "--out", str(out), "--model", str(tmp_path / "log.yaml"),
-                   "--tile-size", "128", "--workers", "1", "--probabilities", timeout=420,
+                   "--trust-spec-code", "--tile-size", "128", "--workers", "1",
+                   "--probabilities", timeout=420,
                    env={"PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     with rasterio.open(out / "scene.tif") as cog:

@@ -407,7 +407,7 @@ def test_poisoned_tile_fails_its_scene_after_bounded_attempts(
         worker_env={"FCN_TEST_POISON_LOG": str(log)})
     out = tmp_path / "out"
     done = cli("run", str(reference.scenes[0]), str(poisoned), "--out", str(out),
-                "--model", str(poison_spec), "--tile-size", str(TILE),
+                "--model", str(poison_spec), "--trust-spec-code", "--tile-size", str(TILE),
                 "--scheduler", cluster.address)
     assert done.returncode == 1, done.stderr
     attempts = log.read_text().split() if log.is_file() else []

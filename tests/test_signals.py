@@ -126,7 +126,8 @@ def test_a_task_of_an_interrupted_run_writes_nothing_on_a_remote_scheduler(
                             worker_env={SLOW_SECONDS_ENV: "9", SLOW_LOG_ENV: str(log)})
     out = tmp_path / "out"
     run = procs.cli(["run", str(reference.scenes[0]), "--out", str(out), "--model", str(spec),
-                     "--tile-size", "64", "--scheduler", cluster.address], tmp_path / "run")
+                     "--trust-spec-code", "--tile-size", "64", "--scheduler", cluster.address],
+                    tmp_path / "run")
     wait_for(lambda: log.is_file() and "start" in log.read_text(), "a forward pass to start",
              watch=run)
     sent = _stop(run.pid, signal.SIGTERM, group=False)
