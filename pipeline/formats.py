@@ -112,7 +112,7 @@ def scene_file(path: str | Path, *, allow_vrt: bool = False) -> SceneFile:
         walk.vrt(file, (os.path.realpath(file),))
         return SceneFile(VRT, tuple(walk.sources), tuple(walk.vrts), frozenset(walk.files))
     if kind is None:
-        raise SceneError(f"{name} is not a raster: it has no TIFF header; {READS}")
+        raise SceneError(f"{name} is not a raster: it has no TIFF header ({file}); {READS}")
     raise SceneFormatError(f"{name}: is {_a(kind)} {kind} file, not a GeoTIFF; {READS}")
 
 
