@@ -209,6 +209,8 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 @click.option("--probabilities/--no-probabilities", default=None,
               help="Also store per-class float16 scores.")
 @click.option("--allow-no-crs", is_flag=True, default=None, help="Process scenes without a CRS.")
+@click.option("--allow-vrt", is_flag=True, default=None,
+              help="Also read VRT scenes whose sources are local GeoTIFFs (or such VRTs).")
 @click.option("--overwrite", is_flag=True, default=None,
               help="Start every scene from nothing and replace its outputs once the new ones "
               "are published, also outputs made otherwise (never an input scene).")
@@ -226,7 +228,8 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
         tls_key: str | None, listen: str | None, cluster: str | None, cluster_spec: str | None,
         workers: int | None, threads_per_worker: int | None, precision: str | None,
         channels_last: bool | None, compile_model: bool | None, gpu_resource: bool | None,
-        probabilities: bool | None, allow_no_crs: bool | None, overwrite: bool | None,
+        probabilities: bool | None, allow_no_crs: bool | None, allow_vrt: bool | None,
+        overwrite: bool | None,
         dry_run: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
     """Label SCENES (GeoTIFF files, or glob patterns for names that are not files) into
     a Zarr store and a COG each in --out."""
@@ -255,7 +258,8 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
             "scheduler": scheduler, "tls_ca_file": tls_ca_file, "tls_cert": tls_cert,
             "tls_key": tls_key, "listen": listen,
             "workers": workers, "threads_per_worker": threads_per_worker,
-            "probabilities": probabilities, "allow_no_crs": allow_no_crs, "overwrite": overwrite,
+            "probabilities": probabilities, "allow_no_crs": allow_no_crs, "allow_vrt": allow_vrt,
+            "overwrite": overwrite,
             "gpu_resource": gpu_resource, "precision": precision,
             "channels_last": channels_last, "compile": compile_model,
         })

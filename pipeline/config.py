@@ -51,7 +51,7 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
         "compile": ("compile", bool),
     },
     "outputs": {"probabilities": ("probabilities", bool), "overwrite": ("overwrite", bool)},
-    "input": {"allow_no_crs": ("allow_no_crs", bool)},
+    "input": {"allow_no_crs": ("allow_no_crs", bool), "allow_vrt": ("allow_vrt", bool)},
 }
 
 
@@ -84,6 +84,7 @@ class RunConfig:
     probabilities: bool = False
     overwrite: bool = False
     allow_no_crs: bool = False
+    allow_vrt: bool = False
 
     def __post_init__(self) -> None:
         if self.tile_size is not None and not 16 <= self.tile_size <= MAX_TILE:

@@ -33,6 +33,11 @@ class SceneError(PipelineError):
     """A scene cannot be used; the message names the file and the cause."""
 
 
+class SceneFormatError(SceneError, ValueError):
+    """A scene, or a file it would make GDAL read, is of a format the run does not read
+    (a VRT without ``--allow-vrt``, PNG, JPEG...), or reaches beyond local files."""
+
+
 class SceneReadError(SceneError, OSError):
     """A scene, or one of its blocks, cannot be read."""
 

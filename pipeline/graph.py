@@ -17,6 +17,7 @@ from dask.base import tokenize
 from distributed import Client, Future
 
 from pipeline.cluster import GPU_RESOURCE
+from pipeline.formats import VRT
 from pipeline.journal import FileIdentity
 from pipeline.plan import ScenePlan
 from pipeline.publication import PublishTarget
@@ -73,7 +74,8 @@ def submit_scene(client: Client, job: SceneJob, model: ModelRef, *, batch_size: 
     token = scene_token(job, model, batch_size, probabilities)
     levels = plan.overview_levels()
     target = SceneTarget(plan.info.path, job.identity, job.out_dir, plan.outputs.stem,
-                         job.run_id, probabilities, levels, job.fingerprint)
+                         job.run_id, probabilities, levels, job.fingerprint,
+                         allow_vrt=plan.info.driver == VRT)
     resources = {GPU_RESOURCE: 1} if gpu else None
     batches = [] if job.publish_only else plan.batches(batch_size, job.skip)
     tiles = tuple(

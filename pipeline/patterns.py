@@ -6,7 +6,9 @@ rules: ``*``, ``?`` and ``[...]`` within one folder, ``**`` across any number of
 folders; names beginning with a dot match only a pattern that begins with one. ``**``
 never descends into a linked folder (a link back up would make the walk endless and
 label one file many times), and a pattern never matches inside the run's output folder
-(the label maps of an earlier run are not scenes to label).
+(the label maps of an earlier run are not scenes to label). Scenes are local files: a
+URL or a GDAL virtual file system path (``/vsicurl/...``) that names no local file is
+refused.
 
 Pure: the standard library only.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import re
 from pathlib import Path
 
 from pipeline.errors import ConfigError
@@ -51,6 +54,21 @@ def _walk_glob(pattern: str) -> list[str]:
     return found
 
 
+#: What names a remote dataset rather than a local file: a URL (``http://``, ``s3://``...)
+#: or a GDAL virtual file system path (``/vsicurl/``, ``/vsis3/``, ``/vsizip/``...).
+_NOT_LOCAL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|/vsi[a-z0-9_]*/)")
+
+
+def _remote_problem(argument: str) -> str | None:
+    """Why a scene argument that names no local file names something else, if it does."""
+    found = _NOT_LOCAL.match(argument)
+    if found is None or os.path.lexists(argument):
+        return None
+    kind = "a GDAL virtual file system path" if argument.startswith("/vsi") else "a URL"
+    return (f"{argument}: is {kind}, not a local file; fcn-pipeline reads local GeoTIFF/COG "
+            "scenes: copy or download it first")
+
+
 def _inside(path: str, folder: Path) -> bool:
     real, base = os.path.realpath(path), os.path.realpath(folder)
     return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
@@ -69,7 +87,8 @@ def expand_scenes(arguments: tuple[str, ...] | list[str],
         with "no such file" and the others run.
 
     Raises:
-        ConfigError: no arguments, or a pattern that matched no file.
+        ConfigError: no arguments, a pattern that matched no file, or a URL or GDAL
+            path that names no local file.
     """
     if not arguments:
         raise ConfigError(
@@ -77,6 +96,9 @@ def expand_scenes(arguments: tuple[str, ...] | list[str],
     seen: dict[str, None] = {}
     real: set[str] = set()  # one file named twice (through a link) is labelled once
     for argument in arguments:
+        problem = _remote_problem(argument)
+        if problem:
+            raise ConfigError(problem)
         if os.path.lexists(argument) or not glob.has_magic(argument):
             matches = [argument]
         else:

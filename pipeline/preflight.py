@@ -15,7 +15,8 @@ make. So before the first import of torch, :func:`preflight`:
   (unless ``--overwrite``);
 - refuses an output folder another run holds;
 - reads each scene's header (size, dtype, georeference, bands): a bad scene fails
-  alone, with one line.
+  alone, with one line; a scene of a format the run does not read (a VRT without
+  ``--allow-vrt``, a PNG named ``.tif``...) is a usage error.
 
 No torch, no Dask: this module may import rasterio (through the readers), YAML
 and the standard library only.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from pipeline.architectures import Architecture, resolve_architecture
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, PipelineError, SceneError
+from pipeline.errors import ConfigError, PipelineError, SceneError, SceneFormatError
 from pipeline.journal import (
     DIGESTS,
     LOCK,
@@ -44,6 +45,7 @@ from pipeline.journal import (
     FileIdentity,
     SceneRecord,
     check_unlocked,
+    fingerprint,
     read_json,
     stem_owners,
 )
@@ -64,11 +66,14 @@ class SceneCheck:
     outputs: Outputs
     info: SceneInfo | None = None
     error: str | None = None
-    #: sha256 of the scene file's bytes (the input part of its fingerprint).
+    #: sha256 of the scene file's bytes (the input part of its fingerprint); for a VRT,
+    #: of its own digest and its sources'.
     digest: str | None = None
     #: The file's size, modification time and inode when it was hashed: tasks compare it
     #: with the file they read, so a scene changed during the run fails.
     identity: FileIdentity | None = None
+    #: Every file hashed for ``digest``: (path, sha256, identity), the scene first.
+    hashed: tuple[tuple[str, str, FileIdentity], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,14 +237,20 @@ def load_model_spec(config: RunConfig) -> tuple[ModelSpec, str, Architecture]:
     return spec, verify_weights(spec), architecture
 
 
-def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool) -> SceneCheck:
+def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool,
+                allow_vrt: bool = False) -> SceneCheck:
     """A scene's header, checked against the model spec; errors become the scene's
-    one line, never an exception."""
+    one line, never an exception, except a format the run does not read.
+
+    Raises:
+        ConfigError: the scene, or a file it would make GDAL read, is of a format the
+            run does not read (:class:`~pipeline.errors.SceneFormatError`).
+    """
     problem = _regular_file_problem(path)
     if problem:
         return SceneCheck(path, outputs, error=problem)
     try:
-        info = open_scene(path, allow_no_crs=allow_no_crs)
+        info = open_scene(path, allow_no_crs=allow_no_crs, allow_vrt=allow_vrt)
         check_bands(info, spec.bands, spec.dtypes)
         if not isinstance(spec.nodata_input, str):
             problem = nodata_problem(float(spec.nodata_input), info.dtype)
@@ -247,6 +258,8 @@ def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool
                 raise SceneError(f"{Path(path).name}: nodata.input of {spec.source}: {problem}; "
                                  "set nodata.input to a value the scene's pixels can hold, or "
                                  "to scene or none")
+    except SceneFormatError as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from None
     except PipelineError as exc:
         return SceneCheck(path, outputs, error=str(exc).strip().splitlines()[0])
     return SceneCheck(path, outputs, info=info)
@@ -291,7 +304,7 @@ def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
     check_foreign_outputs(paths, outputs, out_dir, config.overwrite)
     checks = []
     for path, out in zip(paths, outputs):
-        checks.append(check_scene(path, out, spec, config.allow_no_crs))
+        checks.append(check_scene(path, out, spec, config.allow_no_crs, config.allow_vrt))
         check_signals()  # a signal a C library swallowed while a header was read
     if digests:
         cache = DigestCache(out_dir if out_dir.is_dir() else None)
@@ -304,17 +317,21 @@ def _with_digest(check: SceneCheck, cache: DigestCache) -> SceneCheck:
     if check.info is None:
         return check
     try:
-        digest, identity = cache.digest(check.info.path)
+        hashed = tuple((path, *cache.digest(path))
+                       for path in (check.info.path, *check.info.sources))
     except OSError as exc:
         return SceneCheck(check.path, check.outputs,
                           error=f"{Path(check.path).name} cannot be read: {exc.strerror or exc}")
-    return SceneCheck(check.path, check.outputs, check.info, None, digest, identity)
+    _, digest, identity = hashed[0]
+    if check.info.sources:  # a VRT's labels change with its sources' pixels
+        digest = fingerprint({"vrt": digest, "sources": [d for _, d, _ in hashed[1:]]})
+    return SceneCheck(check.path, check.outputs, check.info, None, digest, identity, hashed)
 
 
 def save_digests(checked: Preflight) -> None:
     """Keep the scenes' content digests in the output folder for the next run."""
     cache = DigestCache(checked.out_dir)
     for check in checked.runnable:
-        if check.digest is not None and check.identity is not None:
-            cache.remember(check.path, check.digest, check.identity)
+        for path, digest, identity in check.hashed:
+            cache.remember(path, digest, identity)
     cache.save()

@@ -2,9 +2,15 @@
 
 The only module (with the writers) that opens rasters, and the only one that
 turns a ``(row, col)`` :class:`~pipeline.grid.Box` into rasterio's
-``Window(col_off, row_off, width, height)``. Every open goes through
+``Window(col_off, row_off, width, height)``. Every open of a scene goes through
 :func:`_dataset`, inside one ``rasterio.Env`` holding all GDAL options; nothing
 here touches ``os.environ``.
+
+Scenes read only what they are: :func:`pipeline.formats.scene_file` decides from the
+file's bytes whether it is a GeoTIFF (or, with ``allow_vrt``, a plain VRT of local
+GeoTIFFs), GDAL's own list of the files of each such VRT is checked against it, and
+GDAL is then told to use that one driver. The GDAL options close the network file
+systems to anything that would get past those checks.
 
 :func:`open_scene` reads a header once and refuses what the pipeline cannot
 georeference faithfully (no CRS unless allowed, rotated or sheared transforms,
@@ -20,6 +26,7 @@ is never set, so an unreadable block is never returned as zeros.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Sequence
@@ -34,7 +41,8 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader, MemoryFile
 from rasterio.windows import Window
 
-from pipeline.errors import SceneError, SceneReadError
+from pipeline.errors import SceneError, SceneFormatError, SceneReadError
+from pipeline.formats import VRT, SceneFile, scene_file
 from pipeline.grid import Box
 from pipeline.scene import NUMERIC_KINDS, Affine6, SceneInfo, nodata_problem
 
@@ -48,9 +56,16 @@ logging.getLogger("rasterio").addHandler(logging.NullHandler())
 #: folder of thousands is opened without listing the folder (sidecars such as
 #: ``.msk`` are still probed by name). A modest block cache: each read touches
 #: one window's blocks once; workers keep their memory for arrays and models.
+#: No VRT pixel function runs Python, and /vsicurl/ with every network file system
+#: built on it (/vsis3/, /vsigs/, /vsiaz/, /vsizip/ over them...) opens only one name,
+#: which no URL has: no request leaves the process. (GDAL 3.10 has no run-time switch
+#: for raw VRT bands, GDAL_VRT_ENABLE_RAWRASTERBAND being a build option: those are
+#: refused by the format check and by :func:`_check_vrt_files`.)
 GDAL_OPTIONS: dict[str, str | int] = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "TRUE",
     "GDAL_CACHEMAX": 128 * 2**20,
+    "GDAL_VRT_ENABLE_PYTHON": "NO",
+    "CPL_VSIL_CURL_ALLOWED_FILENAME": "fcn-pipeline reads local files only",
 }
 
 #: Rotation or shear terms are accepted as round-off while they move the scene's
@@ -59,24 +74,49 @@ SHEAR_TOLERANCE_PX = 1e-3
 
 
 @contextmanager
-def _dataset(path: str | Path) -> Iterator[DatasetReader]:
-    """Open ``path`` read-only inside this module's GDAL environment.
+def _dataset(path: str | Path, allow_vrt: bool) -> Iterator[tuple[DatasetReader, SceneFile]]:
+    """Open the scene at ``path`` read-only, with the one GDAL driver of its format,
+    inside this module's GDAL environment.
 
     rasterio warns ``NotGeoreferencedWarning`` on opening a file without a
     geotransform; :func:`open_scene` makes its own, clearer decision about
     such files, so the warning is silenced here and only here. Likewise
     numpy's overflow warning from rasterio's range check of a nodata value
     such as -1e40 on float32: :func:`open_scene` refuses that value itself.
+
+    Raises:
+        SceneFormatError, SceneError, SceneReadError: from
+            :func:`pipeline.formats.scene_file`, or GDAL cannot open the file.
     """
+    file = Path(path).absolute()
+    scene = scene_file(file, allow_vrt=allow_vrt)
     with rasterio.Env(**GDAL_OPTIONS):
         with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore"):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             try:
-                dataset = rasterio.open(path)
+                _check_vrt_files(file.name, scene)
+                # One driver name: rasterio passes it to GDAL as the only driver to try
+                # (rasterio.open refuses a list of names in 1.4).
+                dataset = rasterio.open(file, driver=scene.driver)
             except RasterioError as exc:
-                raise _open_error(Path(path), exc) from exc
+                raise _open_error(file, exc) from exc
         with dataset:
-            yield dataset
+            yield dataset, scene
+
+
+def _check_vrt_files(name: str, scene: SceneFile) -> None:
+    """Refuse a VRT from which GDAL's own parser would read a file that
+    :func:`~pipeline.formats.scene_file` did not check (GDAL lists the files of a VRT
+    without opening them)."""
+    for vrt in scene.vrts:
+        with rasterio.open(vrt, driver=VRT) as ds:
+            files = list(ds.files)
+        unchecked = [f for f in files if os.path.realpath(f) not in scene.files]
+        if unchecked:
+            raise SceneFormatError(
+                f"{name}: GDAL would read {unchecked[0]} for {Path(vrt).name}, which is not a "
+                "source that VRT names as a plain local file; fcn-pipeline reads VRT sources "
+                "only from local GeoTIFF or VRT files")
 
 
 def _open_error(path: Path, exc: RasterioError) -> SceneError:
@@ -95,18 +135,22 @@ def _open_error(path: Path, exc: RasterioError) -> SceneError:
     )
 
 
-def open_scene(path: str | Path, *, allow_no_crs: bool = False) -> SceneInfo:
+def open_scene(path: str | Path, *, allow_no_crs: bool = False,
+               allow_vrt: bool = False) -> SceneInfo:
     """Open a scene's header and validate it.
 
     Args:
-        path: A local raster file (GeoTIFF or any GDAL raster).
+        path: A local GeoTIFF/COG file (or VRT, with ``allow_vrt``).
         allow_no_crs: Accept a scene without a CRS (``--allow-no-crs``); its
             outputs are then in pixel coordinates of the same transform.
+        allow_vrt: Accept a plain VRT of local GeoTIFFs (``--allow-vrt``).
 
     Returns:
         The scene's :class:`SceneInfo`, its path made absolute.
 
     Raises:
+        SceneFormatError: The file, or a file it would make GDAL read, is of a
+            format the run does not read (see :func:`pipeline.formats.scene_file`).
         SceneReadError: The file is missing or cannot be read.
         SceneError: The file is not a raster, or its georeferencing is
             refused (no CRS, rotated or sheared, GCP-only or RPC-only), its
@@ -123,7 +167,7 @@ def open_scene(path: str | Path, *, allow_no_crs: bool = False) -> SceneInfo:
         ) from None
     except OSError as exc:
         raise SceneReadError(f"{file.name} cannot be accessed: {exc}") from exc
-    with _dataset(file) as ds:
+    with _dataset(file, allow_vrt) as (ds, scene):
         _check_header(file.name, ds, allow_no_crs)
         return SceneInfo(
             path=str(file.absolute()),
@@ -137,6 +181,8 @@ def open_scene(path: str | Path, *, allow_no_crs: bool = False) -> SceneInfo:
             size_bytes=stat.st_size,
             mtime_ns=stat.st_mtime_ns,
             colorinterp=tuple(c.name for c in ds.colorinterp),
+            driver=scene.driver,
+            sources=scene.sources,
         )
 
 
@@ -359,7 +405,8 @@ def _describe(box: Box) -> str:
     )
 
 
-def read_window(path: str | Path, box: Box, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def read_window(path: str | Path, box: Box, bands: Sequence[int], *,
+                allow_vrt: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read one window of a scene, and which of its pixels are valid.
 
     Only the blocks under ``box`` are read (and those of any alpha band). A
@@ -382,6 +429,8 @@ def read_window(path: str | Path, box: Box, bands: Sequence[int]) -> tuple[np.nd
         path: The scene file.
         box: The window in ``(rows, cols)`` pixels, inside the scene.
         bands: 1-based band numbers, in the order wanted; repeats allowed.
+        allow_vrt: Accept a plain VRT of local GeoTIFFs, checked again at every
+            read (a scene planned as a GeoTIFF is read only as one).
 
     Returns:
         ``(data, valid)``: ``data`` of shape ``(len(bands), h, w)`` in the
@@ -389,12 +438,14 @@ def read_window(path: str | Path, box: Box, bands: Sequence[int]) -> tuple[np.nd
         ``valid`` of shape ``(h, w)``, bool, for the whole window.
 
     Raises:
+        SceneFormatError: The file is no longer of a format the run reads (as
+            :func:`open_scene`).
         SceneError: The box is empty or leaves the scene, or a band is missing.
         SceneReadError: A block under the window cannot be read (truncated or
             corrupt file); the message names the file and the window.
     """
     file = Path(path)
-    with _dataset(file) as ds:
+    with _dataset(file, allow_vrt) as (ds, _):
         if not (
             0 <= box.rows.start < box.rows.stop <= ds.height
             and 0 <= box.cols.start < box.cols.stop <= ds.width

@@ -629,10 +629,11 @@ def is_sample(path: str | Path) -> bool:
         return False
     try:
         # A user's file may be one rasterio warns about (no georeferencing): the
-        # question is only whether it carries the tag.
+        # question is only whether it carries the tag. Samples are GeoTIFFs: GDAL is
+        # given no other driver, so no other file (a VRT's sources) is ever opened.
         with warnings.catch_warnings(), rasterio.Env():
             warnings.simplefilter("ignore")
-            with rasterio.open(path) as dataset:
+            with rasterio.open(path, driver="GTiff") as dataset:
                 tags = dataset.tags()
                 # Samples written before the tag existed: scenes carry
                 # generator=pipeline.samples, true labels seed, classes and class_0.

@@ -23,6 +23,8 @@ class SceneInfo:
     ``colorinterp`` holds each band's colour interpretation as rasterio names
     it (``"gray"``, ``"red"``, ``"alpha"``, ``"palette"``, ``"undefined"``, ...),
     band 1 first; empty when unknown (a SceneInfo not made by ``open_scene``).
+    ``driver`` is the GDAL driver the scene is read with (``GTiff``, or ``VRT``
+    where the run allows VRTs); ``sources`` the other files a VRT reads.
     """
 
     path: str
@@ -36,6 +38,8 @@ class SceneInfo:
     size_bytes: int
     mtime_ns: int
     colorinterp: tuple[str, ...] = ()
+    driver: str = "GTiff"
+    sources: tuple[str, ...] = ()
 
     @property
     def pixels(self) -> int:

@@ -103,6 +103,9 @@ class SceneTarget:
     #: The scene's fingerprint: a task Dask runs again after the scene was published
     #: (its result was lost with a worker) finds it published and writes nothing.
     fingerprint: str = ""
+    #: The scene was planned as a VRT (``--allow-vrt``); otherwise it is read only as a
+    #: GeoTIFF, whatever the file has become.
+    allow_vrt: bool = False
 
     @property
     def record(self) -> SceneRecord:
@@ -183,7 +186,8 @@ def _read(spec: ModelSpec, target: SceneTarget,
     """
     start = time.perf_counter()
     _check_unchanged(target)
-    data, scene_valid = read_window(target.scene, tile.window, spec.bands)
+    data, scene_valid = read_window(target.scene, tile.window, spec.bands,
+                                    allow_vrt=target.allow_vrt)
     _check_unchanged(target)
     valid = _valid(spec, data, scene_valid, target.scene)
     return data, valid, time.perf_counter() - start

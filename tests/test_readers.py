@@ -402,8 +402,8 @@ def test_per_band_float_nodata_values_each_apply_to_their_band(tmp_path: Path) -
     array[2, 0, 4] = -9999  # band 3 has no nodata value
     source = write_tif(tmp_path / "src.tif", array)
     path = write_vrt(tmp_path / "per-band.vrt", source, "Float32", [-9999, -1e20, None])
-    assert open_scene(path).nodata == -9999
-    data, valid = read_window(path, box(0, 4, 0, 5), [1, 2, 3])
+    assert open_scene(path, allow_vrt=True).nodata == -9999
+    data, valid = read_window(path, box(0, 4, 0, 5), [1, 2, 3], allow_vrt=True)
     assert np.array_equal(data, array)
     expected = np.ones((4, 5), bool)
     expected[1, 1] = expected[2, 1] = False
@@ -532,9 +532,10 @@ def test_nodata_beyond_float32_is_refused_and_inf_nan_accepted(tmp_path: Path) -
     source = write_tif(tmp_path / "f.tif", pattern(4, 5, dtype="float32"))
     with pytest.raises(SceneError, match=r"^big\.vrt: nodata value -1e\+40 is outside the "
                                          r"float32 range \(-3\.403e\+38 to 3\.403e\+38\)"):
-        open_scene(write_vrt(tmp_path / "big.vrt", source, "Float32", [-1e40]))
+        open_scene(write_vrt(tmp_path / "big.vrt", source, "Float32", [-1e40]), allow_vrt=True)
     for value in (float("inf"), float("-inf"), float("nan"), -1e20, -9999.0):
-        info = open_scene(write_vrt(tmp_path / "ok.vrt", source, "Float32", [value]))
+        info = open_scene(write_vrt(tmp_path / "ok.vrt", source, "Float32", [value]),
+                          allow_vrt=True)
         assert info.nodata is not None and repr(info.nodata) == repr(value)
 
 
@@ -544,7 +545,7 @@ def test_per_band_nodata_out_of_range_names_the_band(tmp_path: Path) -> None:
     path = write_vrt(tmp_path / "two.vrt", source, "Int16", [-1, 40000])
     with pytest.raises(SceneError, match=r"^two\.vrt: nodata value of band 2 40000 is outside "
                                          r"the int16 range \(-32768 to 32767\)"):
-        open_scene(path)
+        open_scene(path, allow_vrt=True)
 
 
 @pytest.mark.parametrize("dtype", ["complex64", "complex_int16", "complex128"])

@@ -148,8 +148,9 @@ def test_an_existing_file_is_never_a_pattern_and_a_pattern_may_match_nothing(
     bogus.write_text("not a raster")
     failed = cli("run", str(bogus), "--out", str(tmp_path / "empty"))
     assert failed.returncode == 1
-    assert other_lines(failed.stderr) == [f"error: {bogus.name} is not a raster: "
-                                          f"GDAL does not recognise its format ({bogus})"]
+    assert other_lines(failed.stderr) == [f"error: {bogus.name} is not a raster: it has no "
+                                          f"TIFF header ({bogus}); fcn-pipeline reads "
+                                          "GeoTIFF/COG scenes (VRT with --allow-vrt)"]
     assert not (tmp_path / "empty").exists()
     assert sha256(bogus)  # untouched, still there
 
