@@ -197,6 +197,8 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 @click.option("--probabilities/--no-probabilities", default=None,
               help="Also store per-class float16 scores.")
 @click.option("--allow-no-crs", is_flag=True, default=None, help="Process scenes without a CRS.")
+@click.option("--max-bands", type=int, help="Refuse scenes with more bands (default 1024).")
+@click.option("--max-pixels", help="Refuse scenes with more pixels, e.g. 2e11 (default 1e11).")
 @click.option("--overwrite", is_flag=True, default=None,
               help="Start every scene from nothing and replace its outputs once the new ones "
               "are published, also outputs made otherwise (never an input scene).")
@@ -212,13 +214,14 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
         scheduler: str | None, cluster: str | None, cluster_spec: str | None,
         workers: int | None, threads_per_worker: int | None, precision: str | None,
         channels_last: bool | None, compile_model: bool | None, gpu_resource: bool | None,
-        probabilities: bool | None, allow_no_crs: bool | None, overwrite: bool | None,
+        probabilities: bool | None, allow_no_crs: bool | None, max_bands: int | None,
+        max_pixels: str | None, overwrite: bool | None,
         dry_run: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
     """Label SCENES (GeoTIFF files, or glob patterns for names that are not files) into
     a Zarr store and a COG each in --out."""
     from contextlib import ExitStack
 
-    from pipeline.config import parse_bytes, resolve, values_from_env
+    from pipeline.config import parse_bytes, parse_count, resolve, values_from_env
     from pipeline.preflight import preflight
     from pipeline.workflow import load_workflow
 
@@ -239,6 +242,8 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None, workflow
             "memory_budget": parse_bytes(memory_budget) if memory_budget else None,
             "scheduler": scheduler, "workers": workers, "threads_per_worker": threads_per_worker,
             "probabilities": probabilities, "allow_no_crs": allow_no_crs, "overwrite": overwrite,
+            "max_bands": max_bands, "max_pixels": parse_count(max_pixels, "--max-pixels")
+            if max_pixels else None,
             "gpu_resource": gpu_resource, "precision": precision,
             "channels_last": channels_last, "compile": compile_model,
         })

@@ -33,6 +33,11 @@ class SceneError(PipelineError):
     """A scene cannot be used; the message names the file and the cause."""
 
 
+class SceneLimitError(SceneError, ConfigError):
+    """A scene's header asks for more than a resource limit allows (bands, pixels, memory
+    of one window): a usage error naming the scene, the figure, the limit and its setting."""
+
+
 class SceneReadError(SceneError, OSError):
     """A scene, or one of its blocks, cannot be read."""
 

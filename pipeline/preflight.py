@@ -12,7 +12,9 @@ make. So before the first import of torch, :func:`preflight`:
   (unless ``--overwrite``);
 - refuses an output folder another run holds;
 - reads each scene's header (size, dtype, georeference, bands): a bad scene fails
-  alone, with one line.
+  alone, with one line; a header declaring more bands or pixels than the run allows
+  (``input.max_bands``, ``input.max_pixels``), or windows that cannot fit the memory
+  budget where it is known without torch, refuses the run (:mod:`pipeline.limits`).
 
 No torch, no Dask: this module may import rasterio (through the readers), YAML
 and the standard library only.
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, PipelineError, SceneError
+from pipeline.errors import ConfigError, PipelineError, SceneError, SceneLimitError
 from pipeline.journal import (
     DIGESTS,
     LOCK,
@@ -43,9 +45,10 @@ from pipeline.journal import (
     read_json,
     stem_owners,
 )
+from pipeline.limits import HeaderLimits, check_window
 from pipeline.modelspec import ModelSpec, load_spec, verify_weights
 from pipeline.patterns import expand_scenes
-from pipeline.plan import Outputs, name_outputs
+from pipeline.plan import TILE_CANDIDATES, Outputs, name_outputs
 from pipeline.readers import check_bands, open_scene
 from pipeline.scene import SceneInfo, nodata_problem
 from pipeline.signals import check_signals
@@ -217,14 +220,19 @@ def load_model_spec(config: RunConfig) -> tuple[ModelSpec, str]:
     return spec, verify_weights(spec)
 
 
-def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool) -> SceneCheck:
+def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool,
+                limits: HeaderLimits | None = None) -> SceneCheck:
     """A scene's header, checked against the model spec; errors become the scene's
-    one line, never an exception."""
+    one line, never an exception, except a header beyond ``limits``.
+
+    Raises:
+        SceneLimitError: the header declares more bands or pixels than ``limits``.
+    """
     problem = _regular_file_problem(path)
     if problem:
         return SceneCheck(path, outputs, error=problem)
     try:
-        info = open_scene(path, allow_no_crs=allow_no_crs)
+        info = open_scene(path, allow_no_crs=allow_no_crs, limits=limits)
         check_bands(info, spec.bands, spec.dtypes)
         if not isinstance(spec.nodata_input, str):
             problem = nodata_problem(float(spec.nodata_input), info.dtype)
@@ -232,6 +240,8 @@ def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool
                 raise SceneError(f"{Path(path).name}: nodata.input of {spec.source}: {problem}; "
                                  "set nodata.input to a value the scene's pixels can hold, or "
                                  "to scene or none")
+    except SceneLimitError:
+        raise
     except PipelineError as exc:
         return SceneCheck(path, outputs, error=str(exc).strip().splitlines()[0])
     return SceneCheck(path, outputs, info=info)
@@ -259,6 +269,8 @@ def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
             that matched nothing, a bad spec or weights file, an output folder that is
             not writable, outputs that would replace an input scene or a file this tool
             did not make (without ``--overwrite``), another run holding the folder.
+        SceneLimitError: a scene declares more bands or pixels than the run allows, or
+            its windows need more than a memory budget known without torch.
     """
     out_dir = output_dir(config)
     paths = expand_scenes(config.scenes, out_dir)
@@ -272,8 +284,13 @@ def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
     check_inputs_kept(paths, outputs, out_dir)
     check_foreign_outputs(paths, outputs, out_dir, config.overwrite)
     checks = []
+    limits = HeaderLimits.of(config)
     for path, out in zip(paths, outputs):
-        checks.append(check_scene(path, out, spec, config.allow_no_crs))
+        check = check_scene(path, out, spec, config.allow_no_crs, limits)
+        if check.info is not None:
+            check_window(check.info, len(spec.bands), len(spec.classes), config,
+                         config.tile_size or TILE_CANDIDATES[0])
+        checks.append(check)
         check_signals()  # a signal a C library swallowed while a header was read
     if digests:
         cache = DigestCache(out_dir if out_dir.is_dir() else None)

@@ -23,6 +23,9 @@ class SceneInfo:
     ``colorinterp`` holds each band's colour interpretation as rasterio names
     it (``"gray"``, ``"red"``, ``"alpha"``, ``"palette"``, ``"undefined"``, ...),
     band 1 first; empty when unknown (a SceneInfo not made by ``open_scene``).
+    ``interleave`` is how the file stores its bands: ``"pixel"`` (every band of a pixel
+    together, so a block holds all bands), ``"band"``, ``"line"``, or ``None`` when it
+    does not say (one band).
     """
 
     path: str
@@ -36,6 +39,7 @@ class SceneInfo:
     size_bytes: int
     mtime_ns: int
     colorinterp: tuple[str, ...] = ()
+    interleave: str | None = None
 
     @property
     def pixels(self) -> int:
