@@ -424,6 +424,29 @@ def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: 
     sys.exit(1 if any(f.exit_code for f in figures) else 0)
 
 
+@main.command("bench-planning")
+@click.option("--tiles", default="1000,100000", show_default=True,
+              help="Comma-separated numbers of tiles of the scenes.")
+@click.option("--tile-size", default=16, show_default=True, help="Tile size in pixels.")
+@click.option("--workers", default=2, show_default=True, help="Workers of the embedded cluster.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the temporary scenes go (default: the system's temporary folder).")
+def bench_planning(tiles: str, tile_size: int, workers: int, workdir: Path | None) -> None:
+    """Peak memory of the runner (client and embedded scheduler) planning scenes of so many
+    tiles and following their tasks, which do no work, to the end."""
+    from pipeline.benchmark import planning_benchmark, render_planning
+
+    try:
+        counts = tuple(int(s) for s in tiles.split(",") if s.strip())
+        if not counts or min(counts) < 1:
+            raise ValueError(f"got {tiles!r}")
+    except ValueError as exc:
+        _fail_usage(ConfigError(f"--tiles must be comma-separated numbers of tiles ({exc})"))
+    figures = planning_benchmark(counts, tile_size=tile_size, workers=workers, workdir=workdir,
+                                 log=lambda m: click.echo(m, err=True))
+    click.echo(render_planning(figures))
+
+
 @main.command()
 @click.option("--model", default="demo", show_default=True,
               help="demo, a model spec file, or a built-in architecture name (random weights).")

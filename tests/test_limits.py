@@ -175,14 +175,18 @@ def test_windows_over_the_memory_budget_are_refused_in_preflight(cube: Path,
     assert [c.error for c in checked.scenes] == [None]
 
 
-def test_windows_over_the_budget_are_refused_once_the_device_is_known(cube: Path,
-                                                                      tmp_path: Path) -> None:
-    """With device auto the budget depends on the GPU: the check runs after the model is
-    analysed, before anything is written (here on the CPU default budget).
+@pytest.mark.slow
+@pytest.mark.parametrize("tile", [[], ["--tile-size", "256"]], ids=["auto", "given"])
+def test_windows_over_the_budget_are_refused_once_the_device_is_known(
+        cube: Path, tile: list[str], tmp_path: Path) -> None:
+    """With device auto the budget depends on the GPU: the check runs once the model is
+    analysed, before anything is written (here on the CPU's default budget), for an
+    automatic tile size (in choose_tiles) and a given one (check_task_memory).
 
-    Teeth: check_task_memory no longer raising: the dry run exits 0.
+    Teeth: fitting_task no longer raising: "auto" gets choose_tile_size's line, which
+    names no scene, and "given" exits 0.
     """
-    done = run_cli("run", str(cube), "--out", str(tmp_path / "out"), "--dry-run")
+    done = run_cli("run", str(cube), "--out", str(tmp_path / "out"), "--dry-run", *tile)
     assert done.returncode == 2, done.stderr
     line = _one_line(done.stderr)
     assert "cube.tif" in line and "tiling.memory_budget (" in line, line
