@@ -127,10 +127,11 @@ def test_a_header_of_a_million_pixels_a_side_is_refused_before_planning(
 
 
 def test_raising_max_pixels_lets_the_header_through(huge: Path, tmp_path: Path) -> None:
-    """``--max-pixels 1e12`` (or ``input.max_pixels: 1e12``) admits the scene in preflight.
+    """``--max-pixels 1e12`` (or ``input.max_pixels: 1e12``) admits the scene in preflight:
+    with a 1 MiB budget the next guard, the memory of its windows, is the one to refuse.
 
-    Teeth: the CLI not passing --max-pixels to the configuration: the dry run is
-    refused with the default limit's line instead of this one's.
+    Teeth: the CLI not passing --max-pixels to the configuration: the pixel limit's line
+    comes instead.
     """
     assert values_from_tree({"schema": 1, "input": {"max_pixels": "1e12"}}) == {
         "max_pixels": 10**12}
@@ -138,9 +139,10 @@ def test_raising_max_pixels_lets_the_header_through(huge: Path, tmp_path: Path) 
                                   max_pixels=10**12), digests=False)
     assert [c.error for c in checked.scenes] == [None]
     done = run_cli("run", str(huge), "--out", str(tmp_path / "out"), "--max-pixels", "1e12",
-                   "--max-bands", "0")
-    assert done.returncode == 2 and "input.max_bands and input.max_pixels must be at least 1" \
-        in done.stderr, done.stderr
+                   "--memory-budget", "1MiB")
+    assert done.returncode == 2, done.stderr
+    line = _one_line(done.stderr)
+    assert "huge.tif" in line and "tiling.memory_budget (1 MiB)" in line, line
 
 
 @pytest.fixture(scope="module")
