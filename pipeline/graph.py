@@ -102,8 +102,8 @@ class Waves:
     (:meth:`pipeline.plan.ScenePlan.batches`, made one at a time, leaving out the tiles
     ``job.skip`` lists as written), and its publication once every one of them has
     succeeded. So the runner holds a number of futures, and of tiles, that does not grow
-    with a scene's size. A scene one of whose tasks fails gets no further task; its
-    tasks in flight are cancelled.
+    with a scene's size. Publications go ahead of waiting tile tasks. A scene one of whose
+    tasks fails gets no further task; its tasks in flight are cancelled.
 
     ``predict`` and ``publish`` are the task functions (:func:`pipeline.tasks.predict_tiles`
     and :func:`pipeline.tasks.publish_scene`; a benchmark passes ones that do no work).
@@ -188,7 +188,9 @@ class Waves:
         return _Scene(key, job, token, target, batches)
 
     def _submit_tiles(self, tiles: list[tuple[_Scene, tuple[Tile, ...]]]) -> None:
-        """Submit tile tasks, one for each ``(scene, batch)``, in one message."""
+        """Submit tile tasks, one for each ``(scene, batch)``, in one message, after those
+        submitted before (``fifo_timeout=0``: else the scheduler interleaves the tasks of
+        calls made within 100 ms, and a scene's last tiles wait behind the next scene's)."""
         if not tiles:
             return
         keys = []
@@ -197,12 +199,15 @@ class Waves:
             scene.submitted += 1
         futures = self._client.map(
             self._predict, [self._model] * len(tiles), [scene.target for scene, _ in tiles],
-            [batch for _, batch in tiles], key=keys, resources=self._resources, pure=False)
+            [batch for _, batch in tiles], key=keys, resources=self._resources, pure=False,
+            fifo_timeout=0)
         for (scene, _), future in zip(tiles, futures):
             self._track(scene, future, publishing=False)
 
     def _publish_if_done(self, scene: _Scene) -> bool:
-        """Submit ``scene``'s publication once all its tiles are submitted and succeeded."""
+        """Submit ``scene``'s publication once all its tiles are submitted and succeeded,
+        ahead of the tile tasks waiting (a scene is published as soon as its tiles are
+        written, not after the next scene's tiles in flight)."""
         if not scene.exhausted or scene.failed or scene.running:
             return False
         job, plan = scene.job, scene.job.plan
@@ -210,7 +215,7 @@ class Waves:
             self._publish,
             PublishTarget(job.out_dir, plan.outputs.stem, job.run_id, job.fingerprint,
                           plan.info.path, bool(scene.target.overview_levels)),
-            key=f"publish-{plan.outputs.stem}-{scene.token}", pure=False)
+            key=f"publish-{plan.outputs.stem}-{scene.token}", priority=1, pure=False)
         self._track(scene, future, publishing=True)
         return True
 
