@@ -189,7 +189,7 @@ class Waves:
 
     def _submit_tiles(self, tiles: list[tuple[_Scene, tuple[Tile, ...]]]) -> None:
         """Submit tile tasks, one for each ``(scene, batch)``, in one message, after those
-        submitted before (``fifo_timeout=0``: else the scheduler interleaves the tasks of
+        submitted before (``fifo_timeout="0 ms"``: else the scheduler interleaves the tasks of
         calls made within 100 ms, and a scene's last tiles wait behind the next scene's)."""
         if not tiles:
             return
@@ -200,7 +200,7 @@ class Waves:
         futures = self._client.map(
             self._predict, [self._model] * len(tiles), [scene.target for scene, _ in tiles],
             [batch for _, batch in tiles], key=keys, resources=self._resources, pure=False,
-            fifo_timeout=0)
+            fifo_timeout="0 ms")
         for (scene, _), future in zip(tiles, futures):
             self._track(scene, future, publishing=False)
 
