@@ -211,6 +211,8 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 @click.option("--allow-no-crs", is_flag=True, default=None, help="Process scenes without a CRS.")
 @click.option("--allow-vrt", is_flag=True, default=None,
               help="Also read VRT scenes whose sources are local GeoTIFFs (or such VRTs).")
+@click.option("--max-bands", type=int, help="Refuse scenes with more bands (default 1024).")
+@click.option("--max-pixels", help="Refuse scenes with more pixels, e.g. 2e11 (default 1e11).")
 @click.option("--overwrite", is_flag=True, default=None,
               help="Start every scene from nothing and replace its outputs once the new ones "
               "are published, also outputs made otherwise (never an input scene).")
@@ -229,13 +231,13 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
         workers: int | None, threads_per_worker: int | None, precision: str | None,
         channels_last: bool | None, compile_model: bool | None, gpu_resource: bool | None,
         probabilities: bool | None, allow_no_crs: bool | None, allow_vrt: bool | None,
-        overwrite: bool | None,
+        max_bands: int | None, max_pixels: str | None, overwrite: bool | None,
         dry_run: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
     """Label SCENES (GeoTIFF files, or glob patterns for names that are not files) into
     a Zarr store and a COG each in --out."""
     from contextlib import ExitStack
 
-    from pipeline.config import parse_bytes, resolve, values_from_env
+    from pipeline.config import parse_bytes, parse_count, resolve, values_from_env
     from pipeline.preflight import preflight
     from pipeline.workflow import load_workflow
 
@@ -260,6 +262,8 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
             "workers": workers, "threads_per_worker": threads_per_worker,
             "probabilities": probabilities, "allow_no_crs": allow_no_crs, "allow_vrt": allow_vrt,
             "overwrite": overwrite,
+            "max_bands": max_bands, "max_pixels": parse_count(max_pixels, "--max-pixels")
+            if max_pixels else None,
             "gpu_resource": gpu_resource, "precision": precision,
             "channels_last": channels_last, "compile": compile_model,
         })
@@ -455,6 +459,29 @@ def bench_memory(sizes: str, tile_size: int | None, workers: int | None, model: 
                                workdir=workdir, log=lambda m: click.echo(m, err=True))
     click.echo(render_memory(figures))
     sys.exit(1 if any(f.exit_code for f in figures) else 0)
+
+
+@main.command("bench-planning")
+@click.option("--tiles", default="1000,100000", show_default=True,
+              help="Comma-separated numbers of tiles of the scenes.")
+@click.option("--tile-size", default=16, show_default=True, help="Tile size in pixels.")
+@click.option("--workers", default=2, show_default=True, help="Workers of the embedded cluster.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the temporary scenes go (default: the system's temporary folder).")
+def bench_planning(tiles: str, tile_size: int, workers: int, workdir: Path | None) -> None:
+    """Peak memory of the runner (client and embedded scheduler) planning scenes of so many
+    tiles and following their tasks, which do no work, to the end."""
+    from pipeline.benchmark import planning_benchmark, render_planning
+
+    try:
+        counts = tuple(int(s) for s in tiles.split(",") if s.strip())
+        if not counts or min(counts) < 1:
+            raise ValueError(f"got {tiles!r}")
+    except ValueError as exc:
+        _fail_usage(ConfigError(f"--tiles must be comma-separated numbers of tiles ({exc})"))
+    figures = planning_benchmark(counts, tile_size=tile_size, workers=workers, workdir=workdir,
+                                 log=lambda m: click.echo(m, err=True))
+    click.echo(render_planning(figures))
 
 
 @main.command()

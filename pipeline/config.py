@@ -5,6 +5,7 @@ order of precedence from lowest to highest. Unknown keys are rejected.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,11 @@ MAX_TILE = 65536
 MAX_BATCH = 4096
 MAX_THREADS = 1024
 MAX_WORKERS = 100_000
+#: Default most bands and pixels a scene may declare (``input.max_bands``,
+#: ``input.max_pixels``; :mod:`pipeline.limits`): imaging spectrometers record 200 to
+#: 450 bands; 1e11 pixels is ten 100,000 x 100,000 px mosaics.
+DEFAULT_MAX_BANDS = 1024
+DEFAULT_MAX_PIXELS = 10**11
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: A host name or IPv4 address (compute.listen).
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
@@ -51,7 +57,12 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
         "compile": ("compile", bool),
     },
     "outputs": {"probabilities": ("probabilities", bool), "overwrite": ("overwrite", bool)},
-    "input": {"allow_no_crs": ("allow_no_crs", bool), "allow_vrt": ("allow_vrt", bool)},
+    "input": {
+        "allow_no_crs": ("allow_no_crs", bool),
+        "allow_vrt": ("allow_vrt", bool),
+        "max_bands": ("max_bands", int),
+        "max_pixels": ("max_pixels", int),
+    },
 }
 
 
@@ -85,8 +96,13 @@ class RunConfig:
     overwrite: bool = False
     allow_no_crs: bool = False
     allow_vrt: bool = False
+    max_bands: int = DEFAULT_MAX_BANDS
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
+        if self.max_bands < 1 or self.max_pixels < 1:
+            raise ConfigError(f"input.max_bands and input.max_pixels must be at least 1, got "
+                              f"{self.max_bands} and {self.max_pixels}")
         if self.tile_size is not None and not 16 <= self.tile_size <= MAX_TILE:
             raise ConfigError(f"tiling.tile_size must be from 16 to {MAX_TILE} pixels, got "
                               f"{self.tile_size}")
@@ -162,9 +178,26 @@ def parse_bytes(text: str | int) -> int:
         ) from None
 
 
+def parse_count(text: str | float | int, where: str = "") -> int:
+    """A whole number from an int or a string such as ``100000000000`` or ``1e11``;
+    ``where`` (a setting or option) begins the error's line."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    try:
+        number = float(str(text).strip())
+    except ValueError:
+        number = math.nan
+    if not number.is_integer():
+        raise ConfigError(f"{where + ': ' if where else ''}{text!r} is not a whole number "
+                          "(examples: 1024, 1e11)")
+    return int(number)
+
+
 def _coerce(where: str, value: Any, kind: type) -> Any:
     if "tile_size" in where and isinstance(value, str) and value.strip().lower() == "auto":
         return None
+    if "max_pixels" in where and isinstance(value, (str, float)):
+        return parse_count(value, where)
     if "memory_budget" in where and isinstance(value, str):
         try:
             return parse_bytes(value)

@@ -38,6 +38,11 @@ class SceneFormatError(SceneError, ValueError):
     (a VRT without ``--allow-vrt``, PNG, JPEG...), or reaches beyond local files."""
 
 
+class SceneLimitError(SceneError, ConfigError):
+    """A scene's header asks for more than a resource limit allows (bands, pixels, memory
+    of one window): a usage error naming the scene, the figure, the limit and its setting."""
+
+
 class SceneReadError(SceneError, OSError):
     """A scene, or one of its blocks, cannot be read."""
 

@@ -7,7 +7,7 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,18 +96,25 @@ class ScenePlan:
     outputs: Outputs
 
     def batches(self, size: int,
-                skip: frozenset[tuple[int, int]] = frozenset()) -> list[tuple[Tile, ...]]:
+                skip: frozenset[tuple[int, int]] = frozenset()) -> Iterator[tuple[Tile, ...]]:
         """Tiles in row-major runs of ``size``, leaving out ``skip``; runs never cross a row.
 
-        Tiles in one run mostly share their window shape, so they go through
-        the network as one batch.
+        Made one run at a time: a scene of a million tiles is never held in memory.
+        Tiles in one run mostly share their window shape, so they go through the network
+        as one batch.
         """
         rows, cols = self.grid.grid_shape
-        out: list[tuple[Tile, ...]] = []
         for i in range(rows):
-            row = [self.grid.tile(i, j) for j in range(cols) if (i, j) not in skip]
-            out.extend(tuple(row[k:k + size]) for k in range(0, len(row), size))
-        return out
+            run: list[Tile] = []
+            for j in range(cols):
+                if (i, j) in skip:
+                    continue
+                run.append(self.grid.tile(i, j))
+                if len(run) == size:
+                    yield tuple(run)
+                    run = []
+            if run:
+                yield tuple(run)
 
     def overview_levels(self, blocksize: int = COG_BLOCKSIZE) -> int:
         """How many of the COG's overview levels the tiles build themselves."""
@@ -181,6 +188,14 @@ class TileChoice:
 TILE_TOLERANCE = 0.03
 
 
+def candidate_sizes(shapes: list[tuple[int, int]], field: ReceptiveField) -> list[int]:
+    """The tile sizes the automatic choice considers for scenes of ``shapes`` (at least
+    one): :data:`TILE_CANDIDATES` aligned to the field, none beyond the largest scene."""
+    largest = max(max(shape) for shape in shapes)
+    return sorted({min(align_up(c, max(field.align)), align_up(largest, max(field.align)))
+                   for c in TILE_CANDIDATES})
+
+
 def choose_tile_size(shapes: list[tuple[int, int]], field: ReceptiveField, workers: int,
                      memory_of: Callable[[int], int], budget: int,
                      speed_of: Callable[[int], float] | None = None) -> TileChoice:
@@ -197,9 +212,7 @@ def choose_tile_size(shapes: list[tuple[int, int]], field: ReceptiveField, worke
     """
     if not shapes:
         return TileChoice(TILE_CANDIDATES[0], "no scene to plan")
-    largest = max(max(shape) for shape in shapes)
-    sizes = sorted({min(align_up(c, max(field.align)), align_up(largest, max(field.align)))
-                    for c in TILE_CANDIDATES})
+    sizes = candidate_sizes(shapes, field)
     scored: list[tuple[float, int, str]] = []
     for size in sizes:
         need = memory_of(size)

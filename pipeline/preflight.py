@@ -16,7 +16,10 @@ make. So before the first import of torch, :func:`preflight`:
 - refuses an output folder another run holds;
 - reads each scene's header (size, dtype, georeference, bands): a bad scene fails
   alone, with one line; a scene of a format the run does not read (a VRT without
-  ``--allow-vrt``, a PNG named ``.tif``...) is a usage error.
+  ``--allow-vrt``, a PNG named ``.tif``...) is a usage error, and so is a header
+  declaring more bands or pixels than the run allows (``input.max_bands``,
+  ``input.max_pixels``), or windows that cannot fit the memory budget where it is
+  known without torch (:mod:`pipeline.limits`).
 
 No torch, no Dask: this module may import rasterio (through the readers), YAML
 and the standard library only.
@@ -31,7 +34,13 @@ from pathlib import Path
 
 from pipeline.architectures import Architecture, resolve_architecture
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, PipelineError, SceneError, SceneFormatError
+from pipeline.errors import (
+    ConfigError,
+    PipelineError,
+    SceneError,
+    SceneFormatError,
+    SceneLimitError,
+)
 from pipeline.journal import (
     DIGESTS,
     LOCK,
@@ -49,9 +58,10 @@ from pipeline.journal import (
     read_json,
     stem_owners,
 )
+from pipeline.limits import HeaderLimits, check_window
 from pipeline.modelspec import ModelSpec, load_spec, verify_weights
 from pipeline.patterns import expand_scenes
-from pipeline.plan import Outputs, name_outputs
+from pipeline.plan import TILE_CANDIDATES, Outputs, name_outputs
 from pipeline.readers import check_bands, open_scene
 from pipeline.scene import SceneInfo, nodata_problem
 from pipeline.signals import check_signals
@@ -238,19 +248,21 @@ def load_model_spec(config: RunConfig) -> tuple[ModelSpec, str, Architecture]:
 
 
 def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool,
-                allow_vrt: bool = False) -> SceneCheck:
+                allow_vrt: bool = False, limits: HeaderLimits | None = None) -> SceneCheck:
     """A scene's header, checked against the model spec; errors become the scene's
-    one line, never an exception, except a format the run does not read.
+    one line, never an exception, except a format the run does not read or a header
+    beyond ``limits``.
 
     Raises:
         ConfigError: the scene, or a file it would make GDAL read, is of a format the
             run does not read (:class:`~pipeline.errors.SceneFormatError`).
+        SceneLimitError: the header declares more bands or pixels than ``limits``.
     """
     problem = _regular_file_problem(path)
     if problem:
         return SceneCheck(path, outputs, error=problem)
     try:
-        info = open_scene(path, allow_no_crs=allow_no_crs, allow_vrt=allow_vrt)
+        info = open_scene(path, allow_no_crs=allow_no_crs, allow_vrt=allow_vrt, limits=limits)
         check_bands(info, spec.bands, spec.dtypes)
         if not isinstance(spec.nodata_input, str):
             problem = nodata_problem(float(spec.nodata_input), info.dtype)
@@ -260,6 +272,8 @@ def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool
                                  "to scene or none")
     except SceneFormatError as exc:
         raise ConfigError(str(exc).strip().splitlines()[0]) from None
+    except SceneLimitError:
+        raise
     except PipelineError as exc:
         return SceneCheck(path, outputs, error=str(exc).strip().splitlines()[0])
     return SceneCheck(path, outputs, info=info)
@@ -288,6 +302,8 @@ def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
             that matched nothing, a bad spec or weights file, an output folder that is
             not writable, outputs that would replace an input scene or a file this tool
             did not make (without ``--overwrite``), another run holding the folder.
+        SceneLimitError: a scene declares more bands or pixels than the run allows, or
+            its windows need more than a memory budget known without torch.
     """
     check_tls(config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"),
               tls_files(config.tls_ca_file, config.tls_cert, config.tls_key))
@@ -303,8 +319,13 @@ def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
     check_inputs_kept(paths, outputs, out_dir)
     check_foreign_outputs(paths, outputs, out_dir, config.overwrite)
     checks = []
+    limits = HeaderLimits.of(config)
     for path, out in zip(paths, outputs):
-        checks.append(check_scene(path, out, spec, config.allow_no_crs, config.allow_vrt))
+        check = check_scene(path, out, spec, config.allow_no_crs, config.allow_vrt, limits)
+        if check.info is not None:
+            check_window(check.info, len(spec.bands), len(spec.classes), config,
+                         config.tile_size or TILE_CANDIDATES[0])
+        checks.append(check)
         check_signals()  # a signal a C library swallowed while a header was read
     if digests:
         cache = DigestCache(out_dir if out_dir.is_dir() else None)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader, MemoryFile
 from rasterio.windows import Window
@@ -44,6 +44,7 @@ from rasterio.windows import Window
 from pipeline.errors import SceneError, SceneFormatError, SceneReadError
 from pipeline.formats import VRT, SceneFile, scene_file
 from pipeline.grid import Box
+from pipeline.limits import HeaderLimits, check_header
 from pipeline.scene import NUMERIC_KINDS, Affine6, SceneInfo, nodata_problem
 
 # GDAL's messages reach rasterio's logger, and, with no logging configured, Python's
@@ -136,7 +137,7 @@ def _open_error(path: Path, exc: RasterioError) -> SceneError:
 
 
 def open_scene(path: str | Path, *, allow_no_crs: bool = False,
-               allow_vrt: bool = False) -> SceneInfo:
+               allow_vrt: bool = False, limits: HeaderLimits | None = None) -> SceneInfo:
     """Open a scene's header and validate it.
 
     Args:
@@ -144,6 +145,8 @@ def open_scene(path: str | Path, *, allow_no_crs: bool = False,
         allow_no_crs: Accept a scene without a CRS (``--allow-no-crs``); its
             outputs are then in pixel coordinates of the same transform.
         allow_vrt: Accept a plain VRT of local GeoTIFFs (``--allow-vrt``).
+        limits: The most bands and pixels the header may declare, checked before
+            anything whose cost grows with them (:func:`pipeline.limits.check_header`).
 
     Returns:
         The scene's :class:`SceneInfo`, its path made absolute.
@@ -152,6 +155,7 @@ def open_scene(path: str | Path, *, allow_no_crs: bool = False,
         SceneFormatError: The file, or a file it would make GDAL read, is of a
             format the run does not read (see :func:`pipeline.formats.scene_file`).
         SceneReadError: The file is missing or cannot be read.
+        SceneLimitError: The header declares more bands or pixels than ``limits``.
         SceneError: The file is not a raster, or its georeferencing is
             refused (no CRS, rotated or sheared, GCP-only or RPC-only), its
             pixels are not numbers a model can be fed (complex, or another
@@ -168,6 +172,8 @@ def open_scene(path: str | Path, *, allow_no_crs: bool = False,
     except OSError as exc:
         raise SceneReadError(f"{file.name} cannot be accessed: {exc}") from exc
     with _dataset(file, allow_vrt) as (ds, scene):
+        if limits is not None:
+            check_header(file.name, ds.count, (ds.height, ds.width), limits)
         _check_header(file.name, ds, allow_no_crs)
         return SceneInfo(
             path=str(file.absolute()),
@@ -183,6 +189,7 @@ def open_scene(path: str | Path, *, allow_no_crs: bool = False,
             colorinterp=tuple(c.name for c in ds.colorinterp),
             driver=scene.driver,
             sources=scene.sources,
+            interleave=ds.interleaving.name if ds.interleaving else None,
         )
 
 
@@ -409,8 +416,12 @@ def read_window(path: str | Path, box: Box, bands: Sequence[int], *,
                 allow_vrt: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read one window of a scene, and which of its pixels are valid.
 
-    Only the blocks under ``box`` are read (and those of any alpha band). A
-    pixel is invalid where:
+    Only the blocks under ``box`` are read, of the ``bands`` asked for and of
+    what the mask needs: each alpha band, and, for GDAL's nodata rule, other
+    bands' masks one band at a time and only until every pixel is known valid.
+    Memory never grows with the scene's band count, except that a block of a
+    pixel-interleaved scene holds every band (:func:`pipeline.limits.read_bytes`).
+    A pixel is invalid where:
 
     - GDAL's dataset mask says so: its nodata value (an integer pixel is
       nodata only where every band of the scene is: 0 in one band of an 8-bit
@@ -461,7 +472,7 @@ def read_window(path: str | Path, box: Box, bands: Sequence[int], *,
         wanted = [int(b) for b in bands]
         try:
             data = ds.read(wanted, window=window)
-            valid = ds.dataset_mask(window=window) > 0
+            valid = _mask_validity(ds, window)
             for band, interp in enumerate(ds.colorinterp, start=1):
                 if interp == ColorInterp.alpha:
                     valid &= ds.read(band, window=window) != 0
@@ -474,6 +485,34 @@ def read_window(path: str | Path, box: Box, bands: Sequence[int], *,
         nodata = [ds.nodatavals[b - 1] for b in wanted] if data.dtype.kind == "f" else None
     valid &= pixel_validity(data, nodata)
     return data, valid
+
+
+def _mask_validity(ds: DatasetReader, window: Window) -> np.ndarray:
+    """Where GDAL's dataset mask says a window's pixels are valid, bool ``(rows, cols)``,
+    reading one band's mask at a time.
+
+    The rule is rasterio's ``dataset_mask``: a per-dataset mask (internal, sidecar, or
+    an alpha band GDAL recognises) is the mask; a 4-band scene whose band 1 is red takes
+    band 4's; otherwise a pixel is valid where any band's mask says so. rasterio reads
+    the masks of every band at once for that last case: one 256 px window of a scene
+    with 65,535 bands took 4 GiB. Here the masks are read band by band, and no more once
+    every pixel is valid: at once for a scene without nodata, every band only where a
+    window holds pixels that are nodata in all of them.
+    """
+    flags = ds.mask_flag_enums
+    if MaskFlags.per_dataset in flags[0]:
+        return ds.read_masks(1, window=window) > 0
+    if ds.count == 4 and ds.colorinterp[0] == ColorInterp.red:
+        return ds.read_masks(4, window=window) > 0
+    shape = (int(window.height), int(window.width))
+    if any(MaskFlags.all_valid in band for band in flags):
+        return np.ones(shape, dtype=bool)
+    valid = np.zeros(shape, dtype=bool)
+    for band in range(1, ds.count + 1):
+        valid |= ds.read_masks(band, window=window) > 0
+        if valid.all():
+            break
+    return valid
 
 
 def pixel_validity(data: np.ndarray, nodata: float | Sequence[float | None] | None = None,

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from distributed import as_completed
 
 from pipeline._version import __version__
 from pipeline.actions import (
@@ -43,7 +42,7 @@ from pipeline.actions import (
 from pipeline.cluster import ClusterSpec, connect
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, OutputError
-from pipeline.graph import SceneFutures, SceneJob, stop_tasks, submit_scene
+from pipeline.graph import SceneJob, Waves, stop_tasks
 from pipeline.grid import TileGrid
 from pipeline.journal import (
     FINGERPRINT_ATTR,
@@ -63,14 +62,14 @@ from pipeline.plan import MemoryEstimate, ScenePlan, TileChoice, describe
 from pipeline.preflight import Preflight, SceneCheck, preflight, save_digests
 from pipeline.report import Progress, RunReport, SceneResult, failed_report
 from pipeline.signals import Interrupted, deferred
-from pipeline.tasks import ModelRef
+from pipeline.tasks import BatchStats, ModelRef
 from pipeline.tiling import (
     AnalysedModel,
     Tiling,
     analyse_model,
     check_output_shape,
+    check_task_memory,
     choose_tiles,
-    task_memory,
 )
 from pipeline.tls import tls_files
 from pipeline.writers import LabelStoreSpec, create_label_store, create_overview_store
@@ -228,9 +227,7 @@ def run(config: RunConfig, *, dry_run: bool = False,
     if refusal and not dry_run:
         raise ConfigError(refusal)
     plans = [s.plan for s in scenes]
-    window = max((p.grid.max_window_shape for p in plans),
-                 key=lambda s: s[0] * s[1], default=(tiling.choice.size, tiling.choice.size))
-    memory = task_memory(model, window, config.batch_size)
+    memory = check_task_memory(plans, model, config, device, tiling.choice.size)
     plan_text = describe(plans, model.field, memory, config.batch_size, tiling.choice)
     plan_text += "\n" + "\n".join(action_line(r.stem, r.action, r.error) for r in results)
     plan_data = _plan_data(scenes, results, model, memory, tiling.choice)
@@ -404,16 +401,14 @@ def _work(config: RunConfig, checked: Preflight, scenes: list[_Scene],
         state["dashboard"] = dashboard
         if dashboard and on_dashboard:
             on_dashboard(dashboard)
-        submitted: dict[int, SceneFutures] = {}
+        waves = Waves(client, jobs, model_ref, batch_size=config.batch_size,
+                      probabilities=config.probabilities, gpu=gpu)
         try:
-            for k, job in jobs.items():
-                submitted[k] = submit_scene(client, job, model_ref, batch_size=config.batch_size,
-                                            probabilities=config.probabilities, gpu=gpu)
-            _track(submitted, results, time.time(), on_progress, save, out_dir)
+            _track(waves, jobs, results, time.time(), on_progress, save, out_dir)
         except Interrupted:
             with deferred():
                 if cluster.address():  # an embedded cluster's workers die with it
-                    stop_tasks(client, [f for s in submitted.values() for f in s.futures])
+                    stop_tasks(client, waves.in_flight())
             raise
 
 
@@ -470,44 +465,33 @@ def _store_spec(plan: ScenePlan, model: AnalysedModel, config: RunConfig,
     )
 
 
-def _track(submitted: dict[int, SceneFutures], results: list[SceneResult], started: float,
-           on_progress: Callable[[Progress], None] | None,
+def _track(waves: Waves, jobs: dict[int, SceneJob], results: list[SceneResult],
+           started: float, on_progress: Callable[[Progress], None] | None,
            on_scene: Callable[[], None], out_dir: Path) -> None:
-    """Follow every future to its end, updating results and reporting progress."""
-    owner: dict[str, tuple[int, int | None]] = {}
-    futures = []
-    for k, scene in submitted.items():
-        for b, future in enumerate(scene.tiles):
-            owner[str(future.key)] = (k, b)
-            futures.append(future)
-        owner[str(scene.publish.key)] = (k, None)
-        futures.append(scene.publish)
+    """Follow every task of ``waves`` to its end, updating results and reporting progress."""
+    for k in jobs:
         results[k].status = "running"
-    total = sum(len(s.plan.grid) for s in submitted.values())
-    done_tiles = sum(results[k].tiles_done for k in submitted)
+    total = sum(len(job.plan.grid) for job in jobs.values())
+    done_tiles = sum(results[k].tiles_done for k in jobs)
     done_pixels = 0
-    for future in as_completed(futures):
-        k, batch = owner[str(future.key)]
+    sums = {k: BatchStats(0, 0, 0, 0.0) for k in jobs}
+    for ended in waves:
+        k, future = ended.scene, ended.future
         result = results[k]
         if future.status == "cancelled" or result.status == "done":
             continue  # a scene already published: nothing it does any more matters
         if future.status == "error":
-            if result.status != "failed":
+            if result.status != "failed":  # its other tasks are cancelled by the waves
                 result.status = "failed"
                 result.error = one_line(future.exception())
-                scene = submitted[k]
-                for pending in scene.futures:  # the scene has failed: stop it
-                    if not pending.done():
-                        pending.cancel()
                 on_scene()
             continue
         stats = future.result()
-        if batch is None:
-            _finish_scene(result, stats, started, submitted[k], out_dir)
+        if ended.publish:
+            _finish_scene(result, sums[k], stats, started, jobs[k].plan, out_dir)
             on_scene()
-            for done in submitted[k].futures:  # so the scheduler never runs them again
-                done.release()
             continue
+        sums[k] = sums[k].plus(stats)
         result.tiles_done += stats.tiles
         done_tiles += stats.tiles
         done_pixels += stats.pixels
@@ -515,19 +499,20 @@ def _track(submitted: dict[int, SceneFutures], results: list[SceneResult], start
             on_progress(Progress(done_tiles, total, done_pixels, time.time() - started))
 
 
-def _finish_scene(result: SceneResult, stats: Any, started: float, scene: SceneFutures,
-                  out_dir: Path) -> None:
-    """Record a published scene: its figures, outputs and checksums, also in its record."""
-    result.inferred += stats.inferred
+def _finish_scene(result: SceneResult, tiles: BatchStats, publication: BatchStats,
+                  started: float, plan: ScenePlan, out_dir: Path) -> None:
+    """Record a published scene: its figures (``tiles``: its tile tasks' stats summed),
+    outputs and checksums, also in its record."""
+    result.inferred += tiles.inferred
     result.seconds = time.time() - started
     result.work_seconds = {
-        "read": round(stats.read_seconds, 3), "model": round(stats.model_seconds, 3),
-        "write": round(stats.write_seconds, 3), "publish": round(stats.seconds, 3),
+        "read": round(tiles.read_seconds, 3), "model": round(tiles.model_seconds, 3),
+        "write": round(tiles.write_seconds, 3), "publish": round(publication.seconds, 3),
     }
     result.status = "done"
     result.tiles_done = result.tiles
-    result.outputs = {"zarr": str(scene.plan.outputs.store), "cog": str(scene.plan.outputs.cog)}
-    record = SceneRecord(out_dir, scene.plan.outputs.stem)
+    result.outputs = {"zarr": str(plan.outputs.store), "cog": str(plan.outputs.cog)}
+    record = SceneRecord(out_dir, plan.outputs.stem)
     published = record.published_record()
     if published is None:
         return

@@ -692,3 +692,38 @@ def write_sample_scenes(
         for k, paths in enumerate(targets):
             _write_scene(seed + k, size, block, paths)
     return targets
+
+
+def write_header_scene(path: str | Path, shape: tuple[int, int], *, count: int = 1,
+                       dtype: str = "uint8", interleave: str = "band",
+                       nodata: float | None = None, block: int = 256) -> Path:
+    """Write a GeoTIFF that declares ``shape`` ``(rows, cols)`` px and ``count`` bands of
+    ``dtype`` but holds no pixel: GDAL's ``SPARSE_OK`` leaves every block unwritten, so
+    a header claiming a million pixels a side takes a few hundred KiB (with
+    ``block`` x ``block`` px tiles; strips when the scene is smaller than a tile), and
+    every pixel reads as 0. For benchmarks and the tests of :mod:`pipeline.limits`.
+
+    Args:
+        path: The file to write (replaced when it exists).
+        shape: ``(rows, cols)`` in pixels.
+        count: Bands.
+        dtype: The bands' numpy dtype name.
+        interleave: ``"band"`` or ``"pixel"`` (every band of a block stored together).
+        nodata: The nodata value of every band, or ``None``.
+        block: Tile side in pixels, a multiple of 16.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    rows, cols = shape
+    layout: dict[str, object] = (
+        {"tiled": True, "blockxsize": block, "blockysize": block}
+        if min(rows, cols) >= block else {})
+    with rasterio.Env(), rasterio.open(
+            path, "w", driver="GTiff", height=rows, width=cols, count=count, dtype=dtype,
+            crs=CRS.from_string(SAMPLE_CRS), transform=Affine(10, 0, 500000, 0, -10, 4000000),
+            nodata=nodata, interleave=interleave, sparse_ok=True, bigtiff="IF_SAFER",
+            **layout):
+        pass
+    return path

@@ -25,6 +25,9 @@ class SceneInfo:
     band 1 first; empty when unknown (a SceneInfo not made by ``open_scene``).
     ``driver`` is the GDAL driver the scene is read with (``GTiff``, or ``VRT``
     where the run allows VRTs); ``sources`` the other files a VRT reads.
+    ``interleave`` is how the file stores its bands: ``"pixel"`` (every band of a pixel
+    together, so a block holds all bands), ``"band"``, ``"line"``, or ``None`` when it
+    does not say (one band).
     """
 
     path: str
@@ -40,6 +43,7 @@ class SceneInfo:
     colorinterp: tuple[str, ...] = ()
     driver: str = "GTiff"
     sources: tuple[str, ...] = ()
+    interleave: str | None = None
 
     @property
     def pixels(self) -> int:

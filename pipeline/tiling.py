@@ -10,17 +10,16 @@ budget, from window speeds measured once per output folder on a CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import psutil
 import torch
 
 from pipeline.analysis import receptive_field
 from pipeline.cluster import default_workers
 from pipeline.config import RunConfig
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, SceneLimitError
 from pipeline.inference import (
     activation_bytes,
     input_channels,
@@ -29,9 +28,17 @@ from pipeline.inference import (
     window_speeds,
 )
 from pipeline.journal import earlier_tile_sizes, fingerprint, load_window_speeds
+from pipeline.limits import cpu_budget, window_bytes, window_problem
 from pipeline.model import build_model
 from pipeline.modelspec import ModelSpec
-from pipeline.plan import TILE_CANDIDATES, MemoryEstimate, TileChoice, choose_tile_size
+from pipeline.plan import (
+    TILE_CANDIDATES,
+    MemoryEstimate,
+    ScenePlan,
+    TileChoice,
+    candidate_sizes,
+    choose_tile_size,
+)
 from pipeline.receptive import ReceptiveField, align_up
 from pipeline.scene import SceneInfo
 
@@ -76,35 +83,73 @@ def check_output_shape(info: SceneInfo, model: AnalysedModel) -> None:
         )
 
 
-def task_memory(model: AnalysedModel, window: tuple[int, int], batch_size: int) -> MemoryEstimate:
-    """Peak bytes of one inference task on windows of ``window`` pixels."""
+def task_memory(model: AnalysedModel, scenes: Sequence[SceneInfo], window: tuple[int, int],
+                batch_size: int) -> MemoryEstimate:
+    """Peak bytes of one inference task on windows of ``window`` pixels of the most
+    demanding of ``scenes``: the windows as read from its file (its dtype and layout,
+    :func:`pipeline.limits.window_bytes`), the network's activations and its weights."""
     channels = len(model.spec.bands)
     rows, cols = window
     classes = len(model.spec.classes)
-    # Per pixel: raw values (up to 8 bytes a band), the float32 model input, the
-    # logits and their crop, the labels and the masks.
-    per_pixel = channels * (8 + 4) + classes * 4 * 2 + 8 + 2
     return MemoryEstimate(
-        window_input=batch_size * rows * cols * per_pixel,
+        window_input=max((window_bytes(info, channels, classes, window, batch_size)
+                          for info in scenes), default=0),
         activations=activation_bytes(model.module, (channels, rows, cols), batch_size),
         weights=weight_bytes(model.module),
     )
 
 
-#: Default cap of one CPU task's memory: beyond tiles of a few thousand pixels the halo
-#: overhead hardly falls, while memory keeps growing with the tile's area.
-CPU_TASK_BUDGET = 512 * 2**20
-
-
 def default_budget(config: RunConfig, device: str) -> int:
-    """A safe share of a worker's memory: 60 % of the GPU; on CPUs 60 % of the RAM
-    split between workers, at most :data:`CPU_TASK_BUDGET`."""
+    """A safe share of a worker's memory: 60 % of the GPU; on CPUs
+    :func:`pipeline.limits.cpu_budget`."""
     if config.memory_budget:
         return config.memory_budget
     if device == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(0).total_memory * 0.6)
-    workers = config.workers or default_workers(config.threads_per_worker, gpu=False)
-    return min(CPU_TASK_BUDGET, int(psutil.virtual_memory().total * 0.6 / workers))
+    return cpu_budget(config)
+
+
+def fitting_task(info: SceneInfo, model: AnalysedModel, window: tuple[int, int],
+                 batch_size: int, budget: int,
+                 network: MemoryEstimate | None = None) -> MemoryEstimate:
+    """One task's memory on ``window`` px windows of ``info`` (``network``: the
+    activations and weights of that window when already known), checked against
+    ``budget``.
+
+    Raises:
+        SceneLimitError: it needs more than ``budget``; the line names the scene, the
+            bytes, the budget and the settings that change them.
+    """
+    bands, classes = len(model.spec.bands), len(model.spec.classes)
+    network = network or task_memory(model, [], window, batch_size)
+    need = replace(network, window_input=window_bytes(info, bands, classes, window, batch_size))
+    problem = window_problem(info, bands, need.total, window, batch_size, budget)
+    if problem:
+        raise SceneLimitError(problem)
+    return need
+
+
+def check_task_memory(plans: Sequence[ScenePlan], model: AnalysedModel, config: RunConfig,
+                      device: str, tile: int) -> MemoryEstimate:
+    """Check that one task on each scene's largest window fits the memory budget
+    (:func:`default_budget`); return the estimate of the most demanding one (of a
+    ``tile`` px window when there is no plan).
+
+    Raises:
+        SceneLimitError: a scene's task needs more than the budget (:func:`fitting_task`).
+    """
+    budget = default_budget(config, device)
+    network: dict[tuple[int, int], MemoryEstimate] = {}
+    worst: MemoryEstimate | None = None
+    for plan in plans:
+        window = plan.grid.max_window_shape
+        if window not in network:  # activations and weights depend on the window alone
+            network[window] = task_memory(model, [], window, config.batch_size)
+        need = fitting_task(plan.info, model, window, config.batch_size, budget,
+                            network[window])
+        if worst is None or need.total > worst.total:
+            worst = need
+    return worst or task_memory(model, [], (tile, tile), config.batch_size)
 
 
 @dataclass(frozen=True)
@@ -149,7 +194,7 @@ def choose_tiles(infos: list[SceneInfo], config: RunConfig, model: AnalysedModel
                 align_up(tile + halo.before[1] + halo.after[1], field.align[1]))
 
     def memory_of(tile: int) -> int:
-        return task_memory(model, window(tile), config.batch_size).total
+        return task_memory(model, infos, window(tile), config.batch_size).total
 
     earlier = earlier_tile_sizes(out_dir, stems or [])
     if len(earlier) == 1 and memory_of(size := next(iter(earlier))) <= budget:
@@ -157,6 +202,11 @@ def choose_tiles(infos: list[SceneInfo], config: RunConfig, model: AnalysedModel
                                        f"with ({memory_of(size) / 2**20:.0f} MiB needed of "
                                        f"{budget / 2**20:.0f} MiB per task)"))
     shapes = [i.shape for i in infos]
+    if shapes:  # a scene whose windows fit at no size is named, not only the budget
+        smallest = window(candidate_sizes(shapes, field)[0])
+        network = task_memory(model, [], smallest, config.batch_size)
+        for info in infos:
+            fitting_task(info, model, smallest, config.batch_size, budget, network)
     if device != "cpu" or not shapes:
         # GPUs run bigger windows no slower per pixel; the client may not even have one.
         return Tiling(choose_tile_size(shapes, field, workers, memory_of, budget))

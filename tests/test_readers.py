@@ -104,6 +104,7 @@ def test_open_scene_reads_the_header(tmp_path: Path) -> None:
         size_bytes=stat.st_size,
         mtime_ns=stat.st_mtime_ns,
         colorinterp=("gray", "undefined"),
+        interleave="pixel",  # GDAL's default for a GeoTIFF of several bands
     )
     assert info.crs is not None and CRS.from_wkt(info.crs).to_epsg() == 32633
 
