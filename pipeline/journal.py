@@ -84,10 +84,11 @@ def file_digest(path: str | Path) -> str:
 
 def read_json(path: Path) -> Any:
     """The JSON document at ``path``, or None when it is missing, unreadable or does not
-    parse: a damaged journal file counts as absent, never as an error of the run."""
+    parse (or nests deeper than Python's parser goes): a damaged journal file counts as
+    absent, never as an error of the run."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -8,7 +8,7 @@ holds the sha256 of every file of the store, so a damaged store names its damage
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.errors import ConfigError
@@ -39,6 +39,8 @@ class Finding:
 
 
 def _check_file(path: Path, sha256: str | None) -> Finding:
+    if path.is_symlink():
+        return Finding(str(path), "is a link, which this tool never publishes")
     if not path.is_file():
         return Finding(str(path), "missing")
     if sha256 is None:
@@ -61,11 +63,23 @@ def _check_store(store: Path, files: dict[str, str] | None, sha256: str | None) 
         ok = sha256 is not None and listing_digest(actual) == sha256
         return [Finding(str(store), None if ok else "checksum differs from the recorded one "
                         "(the journal's per-file checksums are gone, so no file can be named)")]
-    findings = [_check_file(store / rel, want) for rel, want in sorted(files.items())]
+    findings = [_check_file(store / rel, want) if _inside(store, rel) else
+                Finding(str(store / rel), "names a file outside the store: the record is not "
+                        "this tool's (nothing outside the store is read)")
+                for rel, want in sorted(files.items())]
     findings += [Finding(str(store / rel), "not part of the published store")
                  for rel in present if rel not in files]
     damaged = [f for f in findings if not f.ok]
     return damaged or [Finding(str(store))]
+
+
+def _inside(store: Path, rel: str) -> bool:
+    """Whether a store-relative path from a record names a file inside its store, through
+    no link."""
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+        return False
+    return (store / rel).resolve().is_relative_to(store.resolve())
 
 
 def verify_outputs(out_dir: Path) -> list[Finding]:

@@ -370,3 +370,40 @@ def test_a_damaged_published_store_is_computed_again(reference: Reference,
     assert scenes[STEMS[0]]["action"] == "start" and scenes[STEMS[1]]["action"] == "skip"
     for stem in STEMS:
         reference.assert_same(out, stem)
+
+
+def test_verify_never_reads_outside_the_store_and_a_deep_manifest_is_one_line(
+        reference: Reference, tmp_path: Path) -> None:
+    """A published record is data a user's folder holds: one naming ``../../secret`` or a
+    file reached through a link in the store names the record as not this tool's and
+    reads nothing outside the store; a ``run.json`` nested past Python's parser is a
+    manifest that does not parse (one line), never a RecursionError.
+
+    Teeth: ``_inside`` always True: verify hashes the secret (its digest matches the
+    forged record: no DAMAGED line for it); ``read_json`` without RecursionError: a
+    traceback, exit 1.
+    """
+    out = tmp_path / "out"
+    shutil.copytree(reference.out, out)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET\n")
+    record_path = out / WORK / ".published" / f"{STEMS[0]}.json"
+    record = json.loads(record_path.read_text())
+    store = out / f"{STEMS[0]}.zarr"
+    escape = os.path.relpath(secret, store)
+    (store / "linked").symlink_to(tmp_path, target_is_directory=True)
+    forged = {escape: sha256(secret), "linked/secret.txt": sha256(secret)}
+    files = record["zarr"]["files"] if "zarr" in record else None
+    assert isinstance(files, dict), record.keys()
+    files.update(forged)
+    record_path.write_text(json.dumps(record))
+    result = cli("verify", str(out))
+    assert result.returncode == 1, result.stdout + result.stderr
+    for rel in forged:
+        assert f"DAMAGED  {store / rel}: names a file outside the store" in result.stdout, \
+            result.stdout
+    (out / "run.json").write_text("[" * 200_000 + "]" * 200_000)
+    for args in (["verify", str(out)], ["status", str(out)]):
+        deep = cli(*args)
+        assert deep.returncode == 2, deep.stderr
+        assert "Traceback" not in deep.stderr and len(deep.stderr.strip().splitlines()) == 1
