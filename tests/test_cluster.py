@@ -69,7 +69,8 @@ def test_an_embedded_run_listens_only_where_compute_listen_says(
     assert cli("sample-scenes", str(scenes), "--size", "128", "--count", "1").returncode == 0
     spec = unet_spec(tmp_path, "tests.crash_models:slow", "slow-unet")
     run = procs.cli(["run", str(scenes / "scene-000.tif"), "--out", str(tmp_path / "out"),
-                     "--model", str(spec), "--tile-size", "64", "--workers", "2"],
+                     "--model", str(spec), "--trust-spec-code", "--tile-size", "64",
+                     "--workers", "2"],
                     tmp_path / "run",
                     env={SLOW_SECONDS_ENV: "60", SLOW_LOG_ENV: str(log), **environ})
     wait_for(lambda: log.is_file() and "start" in log.read_text(), "a forward pass to start",

@@ -197,10 +197,10 @@ def test_tasks_carry_the_trust_of_the_run_to_the_workers(tmp_path: Path,
     Teeth: predict_tiles() not passing model_ref.trust_code on: the trusted tasks fail
     with the refusal.
     """
-    from distributed import Client, LocalCluster, wait
+    from distributed import Client, LocalCluster
 
     from pipeline.analysis import receptive_field
-    from pipeline.graph import SceneJob, submit_scene
+    from pipeline.graph import SceneJob, Waves
     from pipeline.grid import TileGrid
     from pipeline.journal import FileIdentity, SceneRecord, locked
     from pipeline.plan import ScenePlan, outputs_for
@@ -231,16 +231,17 @@ def test_tasks_carry_the_trust_of_the_run_to_the_workers(tmp_path: Path,
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                           dashboard_address=":0") as cluster, \
                 Client(cluster) as client, locked(out, job.run_id):
-            futures = submit_scene(client, job, model, batch_size=4, probabilities=False,
-                                   gpu=False)
-            wait(list(futures.tiles))
-            outcomes[trust] = [str(f.exception()) if f.status == "error" else f.status
-                               for f in futures.tiles]
+            ended = list(Waves(client, {0: job}, model, batch_size=4, probabilities=False,
+                               gpu=False))
+            outcomes[trust] = [str(e.future.exception()) if e.future.status == "error"
+                               else e.future.status for e in ended if not e.publish]
         if not trust:
             assert "called" not in marks(marker)
         clear_model_cache()
-    assert outcomes[False] and all("is an import path: it runs code" in o
-                                   for o in outcomes[False]), outcomes[False]
+    # the first refusal fails the scene: its other tasks are cancelled, never run
+    refused = [o for o in outcomes[False] if o != "cancelled"]
+    assert refused and all("is an import path: it runs code" in o for o in refused), \
+        outcomes[False]
     assert set(outcomes[True]) == {"finished"}, outcomes[True]
 
 
