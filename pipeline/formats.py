@@ -16,7 +16,14 @@ GDAL connection string names. fcn-pipeline reads scenes from an allow-list inste
 
 The sidecar files GDAL opens by name next to any of these files, ``NAME.ovr`` and
 ``NAME.msk`` (GDAL opens them with every driver it has), must be GeoTIFFs too, and a
-``NAME.aux.xml`` must not name an overview file elsewhere (``OVERVIEW_FILE``).
+``NAME.aux.xml`` must be a small PAM file (root ``PAMDataset``, at most
+:data:`MAX_AUX_XML_BYTES`: GDAL parses it on every open) holding no VRT element and not
+naming an overview file elsewhere (``OVERVIEW_FILE``). Being a sidecar vouches for
+nothing else: a VRT source that names one is judged by its bytes like any other.
+
+XML that GDAL reads is parsed here without namespaces: GDAL's parser knows none, so
+``<SourceFilename xmlns="urn:x">`` is a source to GDAL but ``{urn:x}SourceFilename`` to
+Python's. A VRT or ``.aux.xml`` that declares or uses a namespace is refused.
 
 The file is never opened by GDAL here: the readers open it afterwards with the one
 driver named by :func:`scene_file`, under GDAL options that forbid raw VRT bands and
@@ -25,6 +32,7 @@ network file systems again. The standard library only.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
@@ -39,8 +47,11 @@ GEOTIFF = "GTiff"
 VRT = "VRT"
 #: VRTs within VRTs, the scene's own included.
 MAX_VRT_DEPTH = 8
-#: Largest VRT (or ``.aux.xml``) read; ``gdalbuildvrt`` writes about 1 KiB per source.
+#: Largest VRT read; ``gdalbuildvrt`` writes about 1 KiB per source.
 MAX_XML_BYTES = 64 * 2**20
+#: Largest ``.aux.xml`` sidecar read: GDAL parses it on every open of its file (each tile
+#: read); a PAM file of statistics, metadata and a colour table is a few KiB.
+MAX_AUX_XML_BYTES = 2**20
 #: What a refused scene is told.
 READS = "fcn-pipeline reads GeoTIFF/COG scenes (VRT with --allow-vrt)"
 
@@ -64,6 +75,8 @@ _SIDECARS = (".ovr", ".OVR", ".msk", ".MSK")
 #: The band sub-classes a plain VRT may declare.
 _PLAIN_BANDS = ("", "vrtsourcedrasterband")
 _FILE_ELEMENTS = ("sourcefilename", "sourcedataset")
+#: Elements of a VRT, never of a PAM ``.aux.xml`` (nor are names ending in "source").
+_VRT_ELEMENTS = (*_FILE_ELEMENTS, "vrtdataset", "vrtrasterband")
 
 
 @dataclass(frozen=True)
@@ -157,23 +170,44 @@ def _kind(head: bytes) -> str | None:
     return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
 
 
-def _xml(path: Path, label: str) -> ElementTree.Element:
-    """The parsed XML of a VRT or ``.aux.xml`` file: bounded in size, no DTD (GDAL's
-    parser knows no entity declarations, so the two parsers could read different names)."""
+def _xml(path: Path, label: str, limit: str = "") -> ElementTree.Element:
+    """The parsed XML of a VRT or ``.aux.xml`` file (``limit``: the end of the message
+    for one over :data:`MAX_AUX_XML_BYTES`; empty for a VRT, up to :data:`MAX_XML_BYTES`):
+    bounded in size, no DTD and no namespace (GDAL's parser knows neither entity
+    declarations nor namespaces, so the two parsers could read different names)."""
+    most = MAX_AUX_XML_BYTES if limit else MAX_XML_BYTES
     try:
         size = path.stat().st_size
-        if size > MAX_XML_BYTES:
+        if size > most:
             raise SceneFormatError(f"{label}: {size} bytes of XML, more than the "
-                                   f"{MAX_XML_BYTES // 2**20} MiB fcn-pipeline reads")
+                                   f"{most // 2**20} MiB fcn-pipeline reads{limit}")
         data = path.read_bytes()
     except OSError as exc:
         raise SceneReadError(f"{label} cannot be read: {exc.strerror or exc}") from exc
     if b"<!doctype" in data.lower():
         raise SceneFormatError(f"{label}: its XML has a DOCTYPE, which no VRT needs; remove it")
+    root = None
     try:
-        return ElementTree.fromstring(data)
+        for event, item in ElementTree.iterparse(io.BytesIO(data), ("start-ns", "end")):
+            if event == "start-ns":
+                prefix, uri = item
+                raise _namespace(label, f"xmlns{':' if prefix else ''}{prefix}={uri!r}")
+            root = item
     except ElementTree.ParseError as exc:
         raise SceneFormatError(f"{label}: is not valid XML ({exc})") from None
+    assert root is not None  # a document without an element is a ParseError
+    for element in root.iter():
+        for name in (element.tag, *element.attrib):
+            if name.startswith("{"):  # the predefined xml: prefix, declared nowhere
+                raise _namespace(label, name)
+    return root
+
+
+def _namespace(label: str, name: str) -> SceneFormatError:
+    return SceneFormatError(
+        f"{label}: its XML uses a namespace ({name}), which no VRT or .aux.xml needs and "
+        "which GDAL's XML parser ignores (it could read another file than the one "
+        "checked); remove it")
 
 
 def _attribute(element: ElementTree.Element, name: str, label: str) -> str:
@@ -186,8 +220,9 @@ def _attribute(element: ElementTree.Element, name: str, label: str) -> str:
 
 def _check_sidecars(path: Path, name: str, depth: int = 2) -> list[str]:
     """Refuse the sidecars GDAL would open with ``path`` unless they are GeoTIFFs, and an
-    ``.aux.xml`` that points GDAL at an overview file elsewhere; the sidecars' own
-    sidecars (``NAME.msk.ovr``, the mask's overviews) to ``depth`` levels.
+    ``.aux.xml`` unless it is a small PAM file without VRT elements that does not point
+    GDAL at an overview file elsewhere; the sidecars' own sidecars (``NAME.msk.ovr``,
+    the mask's overviews) to ``depth`` levels.
 
     Returns:
         The real paths of ``path`` and of its sidecars that exist.
@@ -207,7 +242,10 @@ def _check_sidecars(path: Path, name: str, depth: int = 2) -> list[str]:
     aux = Path(f"{path}.aux.xml")
     if os.path.isfile(aux):
         label = f"{name}: sidecar {aux}"
-        for item in _xml(aux, label).iter():
+        root = _xml(aux, label, f" in an .aux.xml, a sidecar GDAL parses on every read of "
+                                f"{path.name}; remove it or make it smaller")
+        _check_pam(root, label, path.name)
+        for item in root.iter():
             key = _attribute(item, "key", label) if item.tag.lower() == "mdi" else ""
             if key.upper() == "OVERVIEW_FILE":
                 raise SceneFormatError(
@@ -218,6 +256,21 @@ def _check_sidecars(path: Path, name: str, depth: int = 2) -> list[str]:
     return found
 
 
+def _check_pam(root: ElementTree.Element, label: str, name: str) -> None:
+    """Refuse an ``.aux.xml`` (read with the file ``name``) that is not a GDAL PAM file,
+    or holds VRT elements: a VRT source that names it must find no VRT there."""
+    if root.tag.lower() != "pamdataset":
+        raise SceneFormatError(
+            f"{label}: its root element is <{root.tag}>, not <PAMDataset>: it is no GDAL "
+            f"metadata file, and GDAL reads it with {name}; remove it")
+    for item in root.iter():
+        tag = item.tag.lower()
+        if tag in _VRT_ELEMENTS or tag.endswith("source"):
+            raise SceneFormatError(
+                f"{label} holds a VRT element <{item.tag}>, which no GDAL metadata file has, "
+                f"and GDAL reads it with {name}; remove it or the .aux.xml")
+
+
 class _Walk:
     """A depth-first check of a VRT and everything it reaches, each file once."""
 
@@ -226,6 +279,8 @@ class _Walk:
         self.sources: list[str] = []
         self.vrts: list[str] = []
         self.files: set[str] = set()
+        #: Real paths of the sources judged by their bytes (not the sidecars in files).
+        self.checked: set[str] = set()
 
     def refuse(self, text: str) -> SceneFormatError:
         return SceneFormatError(f"{self.name}: {text}")
@@ -299,15 +354,17 @@ class _Walk:
             loop = [Path(p).name for p in chain[chain.index(real):]] + [path.name]
             raise self.refuse("VRT sources loop (" + " -> ".join(loop) + "); a VRT must "
                               "never read itself")
-        if real in self.files:
+        if real in self.checked:
             return
         label = f"source of {vrt.name}"
         kind = _kind(_head(path, self.name, where=label))
         self.sources.append(str(path))
         if kind == GEOTIFF:
             self.files.update(_check_sidecars(path, self.name))
+            self.checked.add(real)
         elif kind == VRT:
             self.vrt(path, (*chain, real))
+            self.checked.add(real)
         else:
             what = f"{_a(kind)} {kind} file" if kind else "no GeoTIFF or VRT (no TIFF header)"
             raise self.refuse(f"{label} {path} is {what}; fcn-pipeline reads VRT sources "
