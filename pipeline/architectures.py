@@ -13,7 +13,9 @@ A spec's ``architecture`` names the factory of its network in one of three ways:
   import path is refused unless the run trusts the spec's code
   (``--trust-spec-code``; ``trust_spec_code: true`` in a workflow;
   ``FCN_PIPELINE_TRUST_SPEC_CODE=1``), and a path into the standard library or the
-  builtins is refused even then.
+  builtins is refused even then. Trust is full code execution: that refusal is a
+  filter on names that catches mistakes, not a sandbox (a trusted spec reaches
+  commands through any installed package that runs them).
 
 :func:`resolve_architecture` decides from the spec and the installed packages'
 metadata alone (``importlib.metadata`` reads files; it imports nothing), so the

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,8 +29,10 @@ from pipeline.signals import Interrupted, stop_on_signals
 TILE_SIZES = (512, 1024, 2048)
 EXIT_FAILED, EXIT_USAGE = 1, 2
 TRUST_HELP = ("This spec runs code: let the model spec's architecture be an import path "
-              "package.module:factory, imported and called here and on every worker (never "
-              "the standard library). Only for specs you trust.")
+              "package.module:factory, imported and called here and on every worker. Full "
+              "code execution, like running a Python script from the spec's author: only for "
+              "specs you trust (refusing the standard library catches mistakes; it is not a "
+              "sandbox).")
 
 
 class _Cli(click.Group):
@@ -510,13 +513,16 @@ def bench(model: str, size: int, tile_size: int | None, workers: int | None,
           skip_run: bool, workdir: Path | None, as_json: bool, scaling: str | None) -> None:
     """Throughput of (a) the bare model, (b) exact tiling in memory, (c) run end to end and
     (d) 25 percent overlap sliding windows, on one generated scene, with their ratios."""
+    try:
+        kwargs = _factory_arguments(arguments)  # before torch loads: a usage error is quick
+    except ConfigError as exc:
+        _fail_usage(exc)
     from pipeline.throughput import (
         render_scaling,
         render_throughput,
         scaling_benchmark,
         throughput_benchmark,
     )
-    from pipeline.yaml_input import parse_yaml
 
     if scaling:
         try:
@@ -529,13 +535,6 @@ def bench(model: str, size: int, tile_size: int | None, workers: int | None,
         click.echo(json.dumps(rows, indent=2) if as_json else render_scaling(rows, size))
         sys.exit(1 if any(r["exit_code"] for r in rows) else 0)
     try:
-        kwargs = {}
-        for item in arguments:
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"--argument must be KEY=VALUE, got {item!r}")
-            kwargs[key.strip()] = parse_yaml(value, source=f"--argument {key.strip()}",
-                                             what="value").data
         result = throughput_benchmark(
             model, size=size, tile_size=tile_size, workers=workers, threads=threads,
             repeats=repeats, device=device, arguments=kwargs or None, end_to_end=not skip_run,
@@ -546,6 +545,24 @@ def bench(model: str, size: int, tile_size: int | None, workers: int | None,
     click.echo(json.dumps(result, indent=2) if as_json else render_throughput(result))
     outcome = result["run"]
     sys.exit(1 if outcome and outcome["exit_code"] else 0)
+
+
+def _factory_arguments(arguments: Sequence[str]) -> dict[str, Any]:
+    """``bench --argument KEY=YAML`` values by key; ConfigError (one line) for one
+    without ``=``, a key or a value, or whose value is refused YAML."""
+    from pipeline.yaml_input import parse_yaml
+
+    kwargs = {}
+    for item in arguments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--argument must be KEY=VALUE, got {item!r}")
+        if not value.strip():  # YAML would read it as null, which no factory takes
+            raise ConfigError(f"--argument {key.strip()} has no value; give one, e.g. "
+                              f"{key.strip()}=4")
+        kwargs[key.strip()] = parse_yaml(value, source=f"--argument {key.strip()}",
+                                         what="value").data
+    return kwargs
 
 
 @main.group()
@@ -662,5 +679,29 @@ def status(directory: Path, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+def _forget_current_folder() -> None:
+    """Take the current folder off ``sys.path`` when ``python -m pipeline.cli`` put it there.
+
+    Python puts the folder it was started from first on ``sys.path`` for ``-m``, and
+    ``importlib.metadata`` would then read packages' metadata there: a
+    ``*.dist-info/entry_points.txt`` in the folder a run starts from would register an
+    architecture, and a spec naming it would run that folder's code without
+    ``--trust-spec-code``, here and on workers (they start with this process's path).
+    As Python's ``-P`` does; PYTHONPATH's entries stay. Kept when this package itself
+    was imported from that folder (a source checkout): its code is what runs anyway.
+    """
+    if getattr(sys.flags, "safe_path", False) or not sys.path:  # -P (Python 3.11)
+        return
+    here = os.getcwd()
+    first = os.path.abspath(sys.path[0] or os.curdir)
+    if first != here:
+        return
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.samefile(package_parent, here):
+        return
+    del sys.path[0]
+
+
 if __name__ == "__main__":  # pragma: no cover
+    _forget_current_folder()
     main()

@@ -100,7 +100,11 @@ def write_builtin_spec(name: str, directory: Path, arguments: Mapping[str, Any] 
     kwargs = json.loads(json.dumps(dict(arguments or {})))  # plain lists for YAML
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = build(name, **kwargs).eval()
+        try:
+            module = build(name, **kwargs).eval()
+        except (TypeError, ValueError) as exc:  # an argument the factory cannot take
+            raise ModelError(f"architecture {name} failed with arguments {kwargs}: "
+                             f"{type(exc).__name__}: {exc}") from exc
     classes = output_shape(module, (3, 256, 256))[0]
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"{name}.safetensors"

@@ -13,7 +13,9 @@ Pure: the standard library's ``ssl``; imports neither Dask nor torch.
 
 from __future__ import annotations
 
+import os
 import ssl
+import stat
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
@@ -94,11 +96,20 @@ def _no_passphrase() -> bytes:
 
 
 def _readable(path: str, setting: str) -> None:
+    """Refuse a file that cannot be read, or that is not a regular file: ``ssl`` would
+    wait forever on a named pipe without a writer."""
     try:
-        with open(path, "rb") as file:
-            file.read(1)
+        # O_NONBLOCK: opening a named pipe for reading would wait for a writer
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
+        finally:
+            os.close(descriptor)
     except OSError as exc:
         raise ConfigError(f"{setting} {path}: cannot read it ({exc.strerror or exc})") from exc
+    if not regular:
+        raise ConfigError(f"{setting} {path}: not a regular file (a folder, named pipe or "
+                          "device); give the PEM file itself")
 
 
 def client_context(files: TlsFiles) -> ssl.SSLContext:

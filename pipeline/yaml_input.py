@@ -3,12 +3,20 @@
 Every YAML text the package reads from a user goes through :func:`read_yaml` or
 :func:`parse_yaml`, which keep a hostile file from costing more than reading it:
 
-- at most :data:`MAX_BYTES` bytes are read (a spec or workflow is a few kB);
+- only a regular file is read, opened without blocking (a named pipe or a device
+  given as a file is refused at once instead of waiting for a writer), and at most
+  :data:`MAX_BYTES` bytes of it (a spec or workflow is a few kB);
 - PyYAML's event stream (its parser is iterative) is checked before anything is
   composed or constructed (both recursive): anchors (``&a``), aliases (``*a``) and
   merge keys (``<<``) are refused, so no value is ever shared or repeated (the
   "billion laughs" expansion), and lists and mappings may nest at most
   :data:`MAX_DEPTH` levels, so composing never exhausts Python's stack;
+- a number (a scalar PyYAML's resolver reads as an int or a float) longer than
+  :data:`MAX_NUMBER_CHARS` characters is refused before it is converted (a
+  thousand-digit integer costs quadratic time, and Python refuses to print one),
+  and so is a YAML 1.1 base-60 number such as ``1:0:0`` (3600 to PyYAML, a string
+  to YAML 1.2 readers; a long one costs seconds per kB): quote it, or write the
+  number in decimal;
 - the checked events are then composed and constructed with PyYAML's safe
   constructor (plain values only: no Python objects), and a key repeated in one
   mapping is refused (PyYAML would keep the last silently).
@@ -21,6 +29,8 @@ Pure: the standard library and PyYAML only.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from os import PathLike
@@ -39,6 +49,7 @@ from yaml.events import (
     NodeEvent,
     ScalarEvent,
 )
+from yaml.nodes import ScalarNode
 from yaml.resolver import Resolver
 
 from pipeline.errors import ConfigError, PipelineError
@@ -49,7 +60,12 @@ MAX_BYTES = 1 << 20
 MAX_DEPTH = 64
 #: libyaml's parser when PyYAML has it (several times faster), else PyYAML's own.
 _PARSER = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
+#: The longest number accepted, in characters (a float64 needs at most 24).
+MAX_NUMBER_CHARS = 64
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
+#: The tags PyYAML's SafeLoader gives plain scalars (its resolver holds no state).
+_RESOLVER = Resolver()
 
 
 @dataclass(frozen=True)
@@ -82,13 +98,19 @@ def read_yaml(path: str | PathLike[str], *, what: str,
 
     Raises:
         error: one line naming the file (and the line where there is one): the file
-            cannot be read, is larger than ``max_bytes``, is not UTF-8, is not valid
-            YAML or holds more than one document, nests deeper than ``max_depth``,
-            uses an anchor, alias or merge key, or repeats a key in one mapping.
+            cannot be read, is not a regular file, is larger than ``max_bytes``, is not
+            UTF-8, is not valid YAML or holds more than one document, nests deeper than
+            ``max_depth``, uses an anchor, alias or merge key, a number longer than
+            :data:`MAX_NUMBER_CHARS` or a base-60 number, or repeats a key in one mapping.
     """
     path = Path(path)
     try:
-        with open(path, "rb") as stream:
+        # O_NONBLOCK: opening a named pipe for reading would wait for a writer
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as stream:
+            mode = os.fstat(stream.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise error(f"{path}: the {what} is {_file_kind(mode)}, not a regular file; "
+                            f"give the {what} file itself")
             raw = stream.read(max_bytes + 1)
     except OSError as exc:
         raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
@@ -132,6 +154,17 @@ def parse_yaml(text: str, *, source: str, what: str, error: type[PipelineError] 
         raise error(f"{source}: the {what} is not valid YAML: {' '.join(str(exc).split())}"
                     ) from None
     return YamlDocument(data, _key_lines(node))
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for messages."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
 
 
 def _too_big(source: str, what: str, max_bytes: int) -> str:
@@ -180,6 +213,8 @@ def _checked_events(text: str, what: str, max_depth: int) -> list[Event]:
             if merge:
                 raise _Refused(line, f"the merge key << is refused: a {what} may not use merge "
                                      "keys (write the keys out)")
+            if isinstance(event, ScalarEvent):
+                _check_number(event, line)
         if isinstance(event, CollectionStartEvent):
             if len(open_collections) >= max_depth:
                 raise _Refused(line, _too_deep(what, max_depth))
@@ -188,6 +223,27 @@ def _checked_events(text: str, what: str, max_depth: int) -> list[Event]:
             open_collections.pop()
         events.append(event)
     return events
+
+
+def _check_number(event: ScalarEvent, line: int) -> None:
+    """Refuse a base-60 number, or one longer than :data:`MAX_NUMBER_CHARS`, before
+    PyYAML converts it (both are only looked for in a scalar that could be one)."""
+    value = event.value
+    if len(value) <= MAX_NUMBER_CHARS and ":" not in value:
+        return
+    tag = event.tag
+    if tag is None or tag == "!":  # as the composer resolves it
+        tag = _RESOLVER.resolve(ScalarNode, value, event.implicit)
+    if tag not in _NUMBER_TAGS:
+        return
+    shown = value if len(value) <= 24 else f"{value[:20]}..."
+    if ":" in value:
+        raise _Refused(line, f"{shown} is a base-60 number of YAML 1.1 (1:0:0 reads as 3600), "
+                             "which is refused: quote it if it is text, or write the number in "
+                             "decimal")
+    raise _Refused(line, f"the number {shown} is {len(value)} characters long, more than the "
+                         f"{MAX_NUMBER_CHARS} accepted; write it with fewer digits, or quote it "
+                         "if it is text")
 
 
 class _DuplicateKey(ConstructorError):

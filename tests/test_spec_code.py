@@ -448,3 +448,25 @@ def test_a_built_in_factory_named_by_its_path_says_the_name(tmp_path: Path) -> N
     with pytest.raises(ModelSpecError, match="it is the built-in demo-fcn: write "
                                              "architecture: demo-fcn"):
         resolve_architecture(_named_spec(tmp_path, "pipeline.demo:demo_fcn"), trust_code=False)
+
+
+def test_a_registration_in_the_folder_a_run_starts_from_is_not_read(tmp_path: Path) -> None:
+    """``python -m pipeline.cli`` started from a folder holding ``evilnet-0.1.dist-info``
+    (registering ``landcover-net = evilnet:factory``) and the ``evilnet`` package: a spec
+    in that folder naming ``landcover-net`` is refused (exit 2, neither built in nor
+    registered) and ``evilnet`` is never imported, as for the ``fcn-pipeline`` script.
+
+    Teeth: cli.py's ``__main__`` block without _forget_current_folder(): the folder is
+    first on sys.path, the name resolves to evilnet and the marker says "imported".
+    """
+    bundle = make_distribution(tmp_path / "bundle", "landcover-net = evilnet:factory",
+                               package="evilnet")
+    spec = write_marked_spec(bundle, "landcover-net")
+    write_scene(bundle / "scene.tif")
+    marker = tmp_path / "marker"
+    done = cli("run", "scene.tif", "--out", "out", "--model", spec.name, cwd=bundle,
+               env={MARKER_ENV: str(marker)})
+    assert done.returncode == 2, done.stderr
+    assert "'landcover-net' is neither a built-in architecture" in done.stderr
+    assert marks(marker) == []
+    assert not (bundle / "out").exists()

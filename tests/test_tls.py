@@ -10,6 +10,7 @@ the scheduler itself (a raw distributed connection).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import ssl
 import subprocess
@@ -26,6 +27,7 @@ from distributed.comm import connect as comm_connect
 from distributed.security import Security
 
 from tests.certificates import make_certificates, tls_options
+from tests.conftest import ROOT, run_cli
 from tests.support import (
     STEMS,
     Cluster,
@@ -232,6 +234,27 @@ def test_tls_settings_that_cannot_serve_are_refused_before_torch(
     _refused(cli("run", str(scene), "--out", str(out), *options(ours, encrypted)), *needles)
     assert time.monotonic() - started < QUICK
     assert not out.exists()
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_a_named_pipe_as_a_tls_file_is_refused_at_once(
+        scene: Path, certs: tuple[Path, Path], tmp_path: Path, which: int) -> None:
+    """A named pipe without a writer as the CA file, the certificate or the key: one line
+    saying it is not a regular file, instead of ssl waiting for a writer forever (the
+    run is killed after 30 s).
+
+    Teeth: tls._readable() opening with open(path, "rb") again: the run blocks in
+    open() and the test fails on subprocess.TimeoutExpired.
+    """
+    ours, _ = certs
+    fifo = tmp_path / "pipe.pem"
+    os.mkfifo(fifo)
+    options = tls_options(ours, "runner")
+    options[2 * which + 1] = str(fifo)
+    done = run_cli("run", str(scene), "--out", str(tmp_path / "out"), "--scheduler",
+                   "tls://127.0.0.1:1", *options, timeout=30, env={"PYTHONPATH": str(ROOT)})
+    setting = ("--tls-ca-file", "--tls-cert", "--tls-key")[which]
+    _refused(done, setting, "pipe.pem: not a regular file")
 
 
 def test_a_workflow_names_the_tls_files_and_validate_checks_them(

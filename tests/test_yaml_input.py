@@ -20,7 +20,7 @@ from pipeline import yaml_input
 from pipeline.errors import ConfigError, ModelSpecError
 from pipeline.modelspec import load_spec
 from pipeline.yaml_input import MAX_BYTES, MAX_DEPTH, parse_yaml, read_yaml
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 from tests.support import cli, other_lines
 
 #: The classic "billion laughs": nine levels of nine aliases, 10**9 strings once expanded.
@@ -106,8 +106,8 @@ def test_nesting_up_to_the_limit_is_read(parser: str, depth: int) -> None:
     ("a: 1\nb: 2\na: 3\n", ":3: duplicate key 'a' (first on line 1)"),
     ("a: {x: 1, x: 2}\n", ":1: duplicate key 'x'"),
     ("a: !!python/object/apply:os.system [echo]\n", ":1: the test is not valid YAML"),
-    ("a: " + "9" * 5000 + "\n", ":1: the test is not valid YAML: the value"),
     ("a: 2024-13-45\n", "month must be in 1..12"),
+    ("a: !!float abc\n", ":1: the test is not valid YAML: the value 'abc' cannot be read"),
     ("a: 1\n---\nb: 2\n", ":2: the test is not valid YAML: expected a single document"),
     ("a: [1\n", ":2: the test is not valid YAML"),
     ("c: &x\n  - *x\n", ":1: the anchor &x is refused"),
@@ -117,8 +117,8 @@ def test_nesting_up_to_the_limit_is_read(parser: str, depth: int) -> None:
 ])
 def test_other_refusals_are_one_line_with_the_line(text: str, says: str) -> None:
     """Teeth: _Builder.construct_mapping() without the duplicate check: the first two
-    are accepted; construct_object() without the ValueError guard: the long integer
-    and the bad date escape as ValueError; without the alias check, a lone alias is
+    are accepted; construct_object() without the ValueError guard: the bad date and
+    the float that is not one escape as ValueError; without the alias check, a lone alias is
     "found undefined alias"."""
     with pytest.raises(ConfigError) as caught:
         parse_yaml(text, source="t.yaml", what="test")
@@ -135,36 +135,45 @@ def test_plain_yaml_reads_as_before() -> None:
                                     "flags": 4, "<<": 5}
 
 
-def test_an_endless_file_is_read_no_further_than_the_limit(tmp_path: Path) -> None:
-    """A named pipe that never ends (its writer keeps it open): refused once 1 MiB and a
-    byte were read, without waiting for the end.
+#: Numbers refused before PyYAML converts them, and what the one line says.
+NUMBERS = {
+    "long hex": ("a: 0x" + "f" * 5000 + "\n", "is 5002 characters long, more than the 64"),
+    "long decimal": ("a: " + "9" * 5000 + "\n", "is 5000 characters long"),
+    "long octal": ("a: 0" + "7" * 6000 + "\n", "is 6001 characters long"),
+    "long binary": ("a: 0b" + "1" * 20000 + "\n", "is 20002 characters long"),
+    "long float": ("a: 1" + "0" * 400 + ".5\n", "is 403 characters long"),
+    "tagged": ("a: !!int " + "1" * 100 + "\n", "is 100 characters long"),
+    "base 60": ("a: 1:0:0\n", "1:0:0 is a base-60 number of YAML 1.1"),
+    "long base 60": ("schema: 1\nb: 1" + ":59" * 300_000 + "\n",
+                     ":2: 1:59:59:59:59:59:59:... is a base-60 number"),
+}
 
-    Teeth: read_yaml() reading the whole file (stream.read()): it waits for the writer
-    to close, 5 s later, and the test fails on the time.
+
+@pytest.mark.parametrize("case", list(NUMBERS))
+def test_long_and_base_60_numbers_are_refused_before_conversion(case: str, parser: str) -> None:
+    """A number over 64 characters or in base 60: one line, at once, never a ValueError
+    from Python's 4300-digit limit nor seconds spent converting.
+
+    Teeth: _checked_events() without _check_number(): the hex, octal and binary ones
+    are read (Python then cannot print them), the decimal one says "cannot be read",
+    1:0:0 is read as 3600, and the 900 kB base-60 one runs for tens of seconds.
     """
-    import threading
-
-    fifo = tmp_path / "endless.yaml"
-    os.mkfifo(fifo)
-    done = threading.Event()
-
-    def write_forever() -> None:
-        with open(fifo, "wb") as stream:
-            stream.write(b"#" * (MAX_BYTES + 4096))
-            stream.flush()
-            done.wait(5)
-
-    writer = threading.Thread(target=write_forever, daemon=True)
-    writer.start()
+    text, says = NUMBERS[case]
     start = time.perf_counter()
-    try:
-        with pytest.raises(ConfigError, match=f"is larger than {MAX_BYTES // 1024} KiB"):
-            read_yaml(fifo, what="workflow")
-        seconds = time.perf_counter() - start
-    finally:
-        done.set()
-        writer.join()
-    assert seconds < 3, seconds
+    with pytest.raises(ConfigError) as caught:
+        parse_yaml(text, source="t.yaml", what="test")
+    assert says in str(caught.value) and len(str(caught.value).splitlines()) == 1
+    assert time.perf_counter() - start < 1
+
+
+def test_numbers_and_text_that_look_alike_read_as_before() -> None:
+    """Quoted or tagged text, colons that make no number and short numbers stay as
+    PyYAML reads them."""
+    text = ("a: '1:0:0'\nb: !!str 12:30\nc: repo/image:1.2\nd: 0x1f\ne: -12_000\n"
+            "f: 1.5\ng: " + "x" * 100 + "\nh: 12:30:xx\n")
+    assert parse_yaml(text, source="t", what="test").data == {
+        "a": "1:0:0", "b": "12:30", "c": "repo/image:1.2", "d": 31, "e": -12000, "f": 1.5,
+        "g": "x" * 100, "h": "12:30:xx"}
 
 
 def test_a_file_that_is_not_utf8_or_cannot_be_read(tmp_path: Path) -> None:
@@ -240,3 +249,68 @@ def test_an_argument_value_is_read_the_same_way() -> None:
     lines = other_lines(done.stderr)
     assert lines == ["error: --argument base:1: the anchor &a is refused: a value "
                      "may not use YAML anchors and aliases (write the value out)"], lines
+
+
+def test_numbers_through_the_cli(tmp_path: Path) -> None:
+    """A 5,000-digit hex in a model spec (``run --model``), a 900 kB base-60 number in a
+    workflow (``validate``), and ``bench --argument`` with base=1:0:0 (a 23 GB network
+    as 3600), a 5,000-digit hex, or no value (null, which the factory cannot compare):
+    exit 2, one line naming the file or option, each in about a second.
+
+    Teeth: _checked_events() without _check_number(): the spec and the hex argument
+    end in a ValueError traceback (exit 1), the workflow takes tens of seconds,
+    base=1:0:0 starts building; bench without the empty-value check: a TypeError
+    traceback (exit 1).
+    """
+    scene = _scene(tmp_path / "scene.tif")
+    spec = write(tmp_path, f"name: x\narchitecture: unet-small\nschema: 0x{'f' * 5000}\n",
+                 "spec.yaml")
+    workflow = write(tmp_path, "schema: 1\nscenes: [a.tif]\noutput: out\n"
+                     f"tiling: {{tile_size: 1{':59' * 300_000}}}\n", "flow.yaml")
+    runs = {
+        ("run", str(scene), "--out", str(tmp_path / "out"), "--model", str(spec)):
+            f"error: {spec}:3: the number 0xfffff",
+        ("validate", str(workflow)): f"error: {workflow}:4: 1:59:59",
+        ("bench", "--model", "unet-small", "--argument", "base=1:0:0", "--skip-run"):
+            "error: --argument base:1: 1:0:0 is a base-60 number",
+        ("bench", "--model", "unet-small", "--argument", f"base=0x{'f' * 5000}", "--skip-run"):
+            "error: --argument base:1: the number 0xfffff",
+        ("bench", "--model", "unet-small", "--argument", "base=", "--skip-run"):
+            "error: --argument base has no value",
+    }
+    for args, says in runs.items():
+        start = time.perf_counter()
+        done = cli(*args)
+        seconds = time.perf_counter() - start
+        lines = other_lines(done.stderr)
+        assert done.returncode == 2, (args[:2], done.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith(says), (args[:2], lines)
+        assert seconds < 2, (args[:2], seconds)
+
+
+def test_a_named_pipe_is_refused_at_once_through_the_cli(tmp_path: Path) -> None:
+    """A named pipe (no writer) as the model spec, the workflow (``--workflow`` and
+    ``validate``) and the cluster spec: exit 2, one line saying it is not a regular
+    file, instead of waiting for a writer forever (the run is killed after 30 s).
+
+    Teeth: read_yaml() opening with open(path, "rb") again: each run blocks in open()
+    and the test fails on subprocess.TimeoutExpired.
+    """
+    scene = _scene(tmp_path / "scene.tif")
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    out = str(tmp_path / "out")
+    runs = {
+        "model spec": ["run", str(scene), "--out", out, "--model", str(fifo)],
+        "workflow": ["run", str(scene), "--out", out, "--workflow", str(fifo)],
+        "validate": ["validate", str(fifo)],
+        "cluster spec": ["run", str(scene), "--out", out, "--cluster", "kubernetes",
+                         "--cluster-spec", str(fifo), "--dry-run"],
+    }
+    for what, args in runs.items():
+        done = run_cli(*args, timeout=30, env={"PYTHONPATH": str(ROOT)})
+        lines = other_lines(done.stderr)
+        assert done.returncode == 2, (what, done.stderr[-2000:])
+        assert len(lines) == 1 and "is a named pipe (FIFO), not a regular file" in lines[0], \
+            (what, lines)
+    assert not (tmp_path / "out").exists()
