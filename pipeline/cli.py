@@ -274,6 +274,11 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
         checked = preflight(config)  # before loading torch or starting a cluster
         if checked.architecture and checked.architecture.note and not quiet:
             click.echo(f"warning: {checked.architecture.note}", err=True)
+        if checked.exposed and kube_spec is None and not dry_run and not quiet:
+            click.echo(f"warning: the embedded cluster listens on {config.listen} "
+                       "(compute.listen): anyone who reaches it can view its dashboard (plain "
+                       "HTTP, read-only) and load its scheduler and workers, which run code "
+                       "only for holders of this run's temporary TLS credentials", err=True)
         _check_scheduler(config, reach=not dry_run)
         if not checked.runnable:  # every scene failed its checks: no torch needed to say so
             from pipeline.report import failed_report

@@ -87,6 +87,22 @@ def worker_config() -> dict[str, Any]:
     return flat
 
 
+#: Dask settings of the embedded cluster's scheduler. Its dashboard serves plain HTTP
+#: without authentication, so it keeps only distributed's read-only routes (pages, JSON,
+#: Prometheus metrics, health, static files): not ``distributed.http.proxy``, which
+#: (with jupyter-server-proxy installed) relays requests to any host and port, nor the
+#: ``distributed.http.scheduler.api`` routes that retire workers.
+EMBEDDED_SETTINGS: dict[str, Any] = {
+    "distributed.scheduler.http.routes": [
+        "distributed.http.scheduler.prometheus",
+        "distributed.http.scheduler.info",
+        "distributed.http.scheduler.json",
+        "distributed.http.health",
+        "distributed.http.statics",
+    ],
+}
+
+
 #: Seconds to open a connection to a Dask scheduler: distributed retries a refused or
 #: failed attempt, with backoff, until then (its own default is 30 s).
 CONNECT_TIMEOUT = 10.0
@@ -315,7 +331,9 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
     so that a wrong address fails in bounded time, in one line; with TLS files
     (:attr:`ClusterSpec.tls`) both connections are mutual TLS, encryption
     required. Without an address, an embedded cluster bound to
-    :attr:`ClusterSpec.listen`.
+    :attr:`ClusterSpec.listen`, its comms mutual TLS with credentials made for
+    this call (a client without them is refused), its dashboard's HTTP routes
+    read-only (:data:`EMBEDDED_SETTINGS`).
 
     Raises:
         ConfigError: The scheduler address is malformed, unreachable, not a
@@ -342,15 +360,20 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
             client.close()
         return
     workers = spec.workers or default_workers(spec.threads_per_worker, spec.gpu)
-    with dask.config.set(worker_config()):  # read when the nannies are made
+    # Anyone who reaches a Dask scheduler runs code in its workers, and the loopback is
+    # every local user's: the scheduler, nannies and workers talk mutual TLS with
+    # credentials made for this run and held in memory only (the workers get them with
+    # their start-up arguments), so a client without them is refused.
+    security = Security.temporary()
+    with dask.config.set({**worker_config(), **EMBEDDED_SETTINGS}):  # read as they start
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=spec.threads_per_worker,
             processes=True,
-            # Scheduler, nannies and workers, and the dashboard (with the scheduler's
-            # unauthenticated HTTP routes) on the loopback unless widened: anyone who
-            # reaches a Dask scheduler runs code in its workers. A free port for the
-            # dashboard, so concurrent runs on one machine never fight over 8787.
+            security=security,
+            # Scheduler, nannies and workers, and the dashboard (plain HTTP, its routes
+            # read-only: EMBEDDED_SETTINGS) on the loopback unless widened. A free port
+            # for the dashboard, so concurrent runs on one machine never fight over 8787.
             host=spec.listen,
             dashboard_address=f"{spec.listen}:0",
             resources={GPU_RESOURCE: 1} if spec.gpu else None,
@@ -359,7 +382,7 @@ def connect(spec: ClusterSpec) -> Iterator[Client]:
             env={WORKER_LOG_ENV: spec.worker_log} if spec.worker_log else None,
         )
     try:
-        with Client(cluster) as client:
+        with Client(cluster, security=security) as client:
             yield client
     finally:
         cluster.close()

@@ -3,7 +3,9 @@
 Usage errors must answer at once, and a run must never destroy what it did not
 make. So before the first import of torch, :func:`preflight`:
 
-- checks the TLS files a ``tls://`` scheduler needs (:func:`pipeline.tls.check_tls`);
+- checks the TLS files a ``tls://`` scheduler needs (:func:`pipeline.tls.check_tls`),
+  or, for the embedded cluster, that this machine can bind ``compute.listen``
+  (:func:`check_listen`);
 - expands the scene arguments as users type them (:func:`expand_scenes`);
 - reads the model spec, decides whether the code its architecture names may run
   (:func:`pipeline.architectures.resolve_architecture`: an import path needs
@@ -27,7 +29,9 @@ and the standard library only.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +101,8 @@ class Preflight:
     scenes: tuple[SceneCheck, ...] = field(default_factory=tuple)
     #: Where the spec's network factory comes from (allowed for this run).
     architecture: Architecture | None = None
+    #: Whether the embedded cluster would listen beyond the loopback (compute.listen).
+    exposed: bool = False
 
     @property
     def runnable(self) -> list[SceneCheck]:
@@ -279,6 +285,38 @@ def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool
     return SceneCheck(path, outputs, info=info)
 
 
+def check_listen(host: str) -> bool:
+    """Check that this machine can bind the embedded cluster to ``host`` (compute.listen).
+
+    Resolves ``host`` and binds a TCP socket to each of its addresses on a free port,
+    closing it at once, as the cluster's scheduler, dashboard and workers will bind.
+
+    Returns:
+        Whether every address of ``host`` is a loopback address (127.0.0.0/8, ::1).
+
+    Raises:
+        ConfigError: ``host`` does not resolve, or an address of it is not one of this
+            machine's (or binding it is refused).
+    """
+    try:
+        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"compute.listen {host!r} does not resolve ({cause}); give an "
+                          "address of this machine, such as 127.0.0.1, or 0.0.0.0 for all "
+                          "of its interfaces") from None
+    for family, kind, proto, _, address in found:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"compute.listen {host!r}: cannot listen on {address[0]} "
+                              f"({exc.strerror or exc}); give an address of this machine, "
+                              "such as 127.0.0.1, or 0.0.0.0 for all of its interfaces"
+                              ) from None
+    return all(ipaddress.ip_address(address[0]).is_loopback for *_, address in found)
+
+
 def output_dir(config: RunConfig) -> Path:
     if not config.output:
         raise ConfigError("no output directory: pass --out DIR or set output in a workflow")
@@ -305,8 +343,9 @@ def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
         SceneLimitError: a scene declares more bands or pixels than the run allows, or
             its windows need more than a memory budget known without torch.
     """
-    check_tls(config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"),
-              tls_files(config.tls_ca_file, config.tls_cert, config.tls_key))
+    address = config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    check_tls(address, tls_files(config.tls_ca_file, config.tls_cert, config.tls_key))
+    exposed = not address and not check_listen(config.listen)
     out_dir = output_dir(config)
     paths = expand_scenes(config.scenes, out_dir)
     spec, weights_sha256, architecture = load_model_spec(config)
@@ -331,7 +370,8 @@ def preflight(config: RunConfig, *, digests: bool = True) -> Preflight:
         cache = DigestCache(out_dir if out_dir.is_dir() else None)
         checks = [_with_digest(c, cache) for c in checks]
         check_signals()
-    return Preflight(config, out_dir, spec, weights_sha256, tuple(checks), architecture)
+    return Preflight(config, out_dir, spec, weights_sha256, tuple(checks), architecture,
+                     exposed)
 
 
 def _with_digest(check: SceneCheck, cache: DigestCache) -> SceneCheck:

@@ -396,7 +396,9 @@ def _work(config: RunConfig, checked: Preflight, scenes: list[_Scene],
                           worker_log=str(out_dir / WORK / WORKER_LOG), listen=config.listen,
                           tls=tls_files(config.tls_ca_file, config.tls_cert, config.tls_key))
     with connect(cluster) as client:
-        services = client.scheduler_info().get("services", {})
+        info = client.scheduler_info()
+        say(f"Dask scheduler: {info.get('address')}")
+        services = info.get("services", {})
         dashboard = client.dashboard_link if "dashboard" in services else None
         state["dashboard"] = dashboard
         if dashboard and on_dashboard:

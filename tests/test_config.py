@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from pipeline.config import RunConfig, resolve, values_from_env, values_from_tree
 from pipeline.errors import ConfigError
 from pipeline.plan import name_outputs, output_stem, outputs_for
+from pipeline.preflight import check_listen
 
 
 def test_tree_round_trip_and_defaults(tmp_path) -> None:
@@ -110,3 +113,27 @@ def test_absurd_sizes_are_usage_errors(values, words) -> None:
     """Teeth: without the upper bounds the values reach torch and overflow there."""
     with pytest.raises(ConfigError, match=words):
         resolve(values)
+
+
+def _bindable(host: str) -> bool:
+    try:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "example.invalid", "10.255.255.1"])
+def test_listen_addresses_this_machine_cannot_bind_are_refused(host: str) -> None:
+    """Teeth: check_listen without its bind (resolution only): 10.255.255.1 passes."""
+    if host == "10.255.255.1" and _bindable(host):
+        pytest.skip("this machine has 10.255.255.1")
+    with pytest.raises(ConfigError, match=f"compute.listen '{host}'"):
+        check_listen(host)
+
+
+def test_listen_says_whether_the_cluster_stays_on_the_loopback() -> None:
+    """Teeth: check_listen returning True always: the 0.0.0.0 case fails."""
+    assert check_listen("127.0.0.2") is True
+    assert check_listen("0.0.0.0") is False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import functools
 import importlib.resources
+import ipaddress
 import json
 import re
 import shutil
@@ -700,6 +701,108 @@ def test_the_reach_check_sees_wider_rules(edit: Any, admitted: str) -> None:
     assert not reaches(tuple(docs), pods[admitted], pods["scheduler"], COMM)
     edit(policy["spec"]["ingress"][0])
     assert reaches(tuple(docs), pods[admitted], pods["scheduler"], COMM)
+
+
+#: Where a Dask pod might send: pods of the namespace by their labels (cluster_pods), the
+#: cluster DNS, and addresses outside the cluster.
+NAMESPACE = {"kubernetes.io/metadata.name": "fcn-pipeline"}
+DNS = {"namespace": {"kubernetes.io/metadata.name": "kube-system"},
+       "pod": {"k8s-app": "kube-dns"}}
+METADATA, INTERNET = {"ip": "169.254.169.254"}, {"ip": "203.0.113.7"}
+
+
+def _peer_admits(peer: dict[str, Any], dest: dict[str, Any]) -> bool:
+    """Whether an egress peer (podSelector, namespaceSelector, ipBlock) covers ``dest``;
+    an ipBlock counts as covering every pod (pod addresses may fall in it)."""
+    assert set(peer) <= {"podSelector", "namespaceSelector", "ipBlock"}, peer
+    if "ipBlock" in peer:
+        if "ip" not in dest:
+            return True
+        block = peer["ipBlock"]
+        address = ipaddress.ip_address(dest["ip"])
+        return (address in ipaddress.ip_network(block["cidr"])
+                and not any(address in ipaddress.ip_network(e) for e in block.get("except", [])))
+    if "ip" in dest:
+        return False
+    namespace = dest.get("namespace", NAMESPACE)
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], namespace):
+            return False
+    elif namespace != NAMESPACE:
+        return False
+    return "podSelector" not in peer or _selects(peer["podSelector"], dest["pod"])
+
+
+def sends(docs: tuple[dict[str, Any], ...], source: dict[str, str], dest: dict[str, Any],
+          port: int, protocol: str = "TCP") -> bool:
+    """Whether a pod with labels ``source`` may open ``port`` (``protocol``) to ``dest``
+    (``{"pod": labels}``, with ``"namespace": labels`` outside the namespace, or
+    ``{"ip": address}``), by the egress rules of the NetworkPolicies in ``docs``."""
+    policies = [d["spec"] for d in docs if d["kind"] == "NetworkPolicy"
+                and "Egress" in d["spec"].get("policyTypes", [])
+                and _selects(d["spec"]["podSelector"], source)]
+    if not policies:
+        return True
+    for rule in (r for p in policies for r in p.get("egress") or []):
+        ports = rule.get("ports")
+        if ports is not None and not any(p.get("port") in (port, None)
+                                         and p.get("protocol", "TCP") == protocol
+                                         for p in ports):
+            continue
+        peers = rule.get("to")
+        if peers is None or any(_peer_admits(peer, dest) for peer in peers):
+            return True
+    return False
+
+
+def _destinations(pods: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
+    return {**{name: {"pod": labels} for name, labels in pods.items()},
+            "dns": DNS, "metadata": METADATA, "internet": INTERNET}
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_the_dask_pods_reach_only_each_other_and_the_cluster_dns(kustomization: str) -> None:
+    """Code on a worker may be anyone's who holds a certificate of the CA: the workers and
+    the scheduler send only to each other (the workers to the scheduler's comm port) and
+    to the DNS, never to the cloud metadata endpoint, other pods or the internet.
+
+    Teeth: the egress rules dropped (policyTypes [Ingress]): the workers reach everything;
+    the DNS rule without its namespaceSelector: port 53 on the internet (both seen failing).
+    """
+    docs, pods = render(kustomization), cluster_pods(kustomization)
+    dests = _destinations(pods)
+    ports = ((COMM, "TCP"), (DASHBOARD, "TCP"), (ANY, "TCP"), (80, "TCP"), (443, "TCP"),
+             (53, "UDP"), (53, "TCP"))
+    allowed = {(s, d, port, protocol) for s in ("scheduler", "worker") for d in dests
+               for port, protocol in ports if sends(docs, pods[s], dests[d], port, protocol)}
+    assert allowed == {
+        ("worker", "scheduler", COMM, "TCP"),
+        *{(s, "worker", *p) for s in ("scheduler", "worker") for p in ports},
+        *{(s, "dns", 53, protocol) for s in ("scheduler", "worker") for protocol in ("UDP", "TCP")},
+    }, sorted(allowed)
+    # The runner is not restricted here: its own steps may need object storage.
+    assert sends(docs, pods["runner"], INTERNET, 443)
+
+
+@pytest.mark.parametrize(("edit", "reached"), [
+    (lambda rule: rule["to"].append({"podSelector": {}}), "stranger"),
+    (lambda rule: rule["to"].append({"namespaceSelector": {}}), "stranger"),
+    (lambda rule: rule["to"].append({"ipBlock": {"cidr": "0.0.0.0/0"}}), "metadata"),
+    (lambda rule: rule["to"].append({"ipBlock": {"cidr": "0.0.0.0/0",
+                                                 "except": ["169.254.169.254/32"]}}),
+     "internet"),
+    (lambda rule: rule.pop("to"), "internet"),
+])
+def test_the_egress_check_sees_wider_rules(edit: Any, reached: str) -> None:
+    docs = json.loads(json.dumps(render("deploy/base")))
+    pods = cluster_pods("deploy/base")
+    dest = _destinations(pods)[reached]
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy"
+                  and _selects(d["spec"]["podSelector"], pods["worker"]))
+    rule = next(r for r in policy["spec"]["egress"] if r.get("ports") is None)  # to workers
+    assert not sends(tuple(docs), pods["worker"], dest, ANY)
+    edit(rule)
+    assert sends(tuple(docs), pods["worker"], dest, ANY)
 
 
 # --------------------------------------------------------------------------- the CronJob
