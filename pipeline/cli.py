@@ -190,7 +190,8 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 @click.option("--tls-cert", help="PEM certificate this client shows a tls:// scheduler.")
 @click.option("--tls-key", help="PEM private key of --tls-cert (unless that file holds it).")
 @click.option("--listen", help="Interface the embedded cluster binds to (default 127.0.0.1; "
-              "another lets other hosts run code in its workers).")
+              "another lets other hosts view its read-only dashboard and load it; running "
+              "code needs this run's temporary TLS credentials).")
 @click.option("--cluster", type=click.Choice(["kubernetes"]),
               help="Create an ephemeral Dask cluster for this run "
                    "(needs fcn-pipeline[kubernetes]).")
