@@ -111,12 +111,14 @@ def inspect(models: tuple[str, ...], tile_sizes: str, as_json: bool,
     MODELS are built-in names (all of them when none is given), model spec files,
     or demo.
     """
+    from pipeline.config import MAX_TILE
     from pipeline.inspection import inspect_rows, render_table, rows_as_json
 
     try:
         sizes = tuple(int(s) for s in tile_sizes.split(",") if s.strip())
-        if not sizes or not all(16 <= size <= 65536 for size in sizes):
-            raise ConfigError(f"--tile-sizes must be sizes from 16 to 65536 px, got {tile_sizes!r}")
+        if not sizes or not all(16 <= size <= MAX_TILE for size in sizes):
+            raise ConfigError(f"--tile-sizes must be sizes from 16 to {MAX_TILE} px, got "
+                              f"{tile_sizes!r}")
         rows = inspect_rows(models, sizes, trust_code=trust_spec_code)
     except PipelineError as exc:
         _fail_usage(exc)
@@ -345,8 +347,6 @@ def _check_scheduler(config: Any, *, reach: bool) -> None:
     torch is loaded and anything is written: its form, and with ``reach`` that a Dask
     scheduler answers there, over TLS with the --tls-* files (bounded:
     :data:`pipeline.cluster.CONNECT_TIMEOUT` and :data:`pipeline.cluster.ANSWER_TIMEOUT`)."""
-    import os
-
     address = config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if not address:
         return

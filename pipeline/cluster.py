@@ -21,7 +21,7 @@ from distributed.comm import connect as comm_connect
 from distributed.comm.addressing import parse_address
 from distributed.security import Security
 
-from pipeline.config import usable_cores
+from pipeline.config import cpu_workers
 from pipeline.errors import ConfigError
 from pipeline.tls import CA_SETTING, CERT_SETTING, TlsFiles, is_tls
 from pipeline.worker_setup import WORKER_LOG_ENV
@@ -67,7 +67,7 @@ def default_workers(threads_per_worker: int, gpu: bool) -> int:
         import torch  # only to count devices; the cluster itself does not need torch
 
         return max(1, torch.cuda.device_count())
-    return max(1, usable_cores() // threads_per_worker)
+    return cpu_workers(threads_per_worker)
 
 
 def worker_config() -> dict[str, Any]:

@@ -163,6 +163,12 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def cpu_workers(threads_per_worker: int) -> int:
+    """Workers of ``threads_per_worker`` threads that fill this process's usable cores
+    (at least one): how many a CPU cluster starts unless told."""
+    return max(1, usable_cores() // threads_per_worker)
+
+
 def parse_bytes(text: str | int) -> int:
     """Bytes from an int or a string such as ``2GiB``, ``512 MiB`` or ``1.5GB``."""
     if isinstance(text, int) and not isinstance(text, bool):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from pipeline.config import DEFAULT_MAX_BANDS, DEFAULT_MAX_PIXELS, RunConfig, usable_cores
+from pipeline.config import DEFAULT_MAX_BANDS, DEFAULT_MAX_PIXELS, RunConfig, cpu_workers
 from pipeline.errors import SceneLimitError
 from pipeline.scene import SceneInfo
 
@@ -120,7 +120,7 @@ def cpu_budget(config: RunConfig) -> int:
     """The default memory budget of a CPU task: 60 % of the RAM split between the
     workers (``compute.workers``, else one per ``compute.threads_per_worker`` usable
     cores, as the embedded cluster starts them), at most :data:`CPU_TASK_BUDGET`."""
-    workers = config.workers or max(1, usable_cores() // config.threads_per_worker)
+    workers = config.workers or cpu_workers(config.threads_per_worker)
     return min(CPU_TASK_BUDGET, int(psutil.virtual_memory().total * 0.6 / workers))
 
 

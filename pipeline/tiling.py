@@ -197,9 +197,9 @@ def choose_tiles(infos: list[SceneInfo], config: RunConfig, model: AnalysedModel
         return task_memory(model, infos, window(tile), config.batch_size).total
 
     earlier = earlier_tile_sizes(out_dir, stems or [])
-    if len(earlier) == 1 and memory_of(size := next(iter(earlier))) <= budget:
+    if len(earlier) == 1 and (need := memory_of(size := next(iter(earlier)))) <= budget:
         return Tiling(TileChoice(size, f"auto: the size the earlier work in {out_dir} was made "
-                                       f"with ({memory_of(size) / 2**20:.0f} MiB needed of "
+                                       f"with ({need / 2**20:.0f} MiB needed of "
                                        f"{budget / 2**20:.0f} MiB per task)"))
     shapes = [i.shape for i in infos]
     if shapes:  # a scene whose windows fit at no size is named, not only the budget

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.actions import fingerprint_values
+from pipeline.benchmark import POINTWISE
 from pipeline.config import RunConfig, values_from_env, values_from_tree
 from pipeline.errors import SceneLimitError
 from pipeline.grid import TileGrid
@@ -26,15 +27,12 @@ from pipeline.modelspec import load_spec
 from pipeline.plan import ScenePlan, outputs_for
 from pipeline.preflight import preflight
 from pipeline.readers import open_scene
-from pipeline.receptive import ReceptiveField
 from pipeline.samples import write_header_scene
 from pipeline.scene import SceneInfo
 from tests.conftest import ROOT, run_cli
 
 #: Seconds a refusal from the header may take in preflight (the house rule: well under 2).
 FAST = 2.0
-#: A 1x1 convolution's receptive field: windows are tiles.
-POINTWISE = ReceptiveField(size=(1, 1), stride=(1, 1), offset=(0, 0), align=(1, 1))
 
 
 def _header(count: int, dtype: str, interleave: str | None,

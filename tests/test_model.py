@@ -92,6 +92,7 @@ def test_the_built_in_names_are_the_package_networks() -> None:
         assert getattr(importlib.import_module(module), attribute) is factory
     module, _, attribute = architectures.BUILT_IN["demo-fcn"].partition(":")
     assert getattr(importlib.import_module(module), attribute) is demo_fcn
+    assert set(architectures.BUILT_IN) == set(models.ARCHITECTURES) | {"demo-fcn"}
 
 
 class _RunsCommand:
