@@ -210,7 +210,7 @@ def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, .
     start = time.perf_counter()
     check_run(target.out_dir, target.run_id)
     record = target.record
-    if not record.work.exists() and record.published_as(target.fingerprint) is not None:
+    if not record.work.exists() and record.published_as(target.fingerprint, deep=False) is not None:
         return BatchStats(len(tiles), 0, sum(t.core.area for t in tiles), 0.0)
     _prepare_torch(model_ref.threads)
     spec, model = cached_model(model_ref.spec_path, model_ref.sha256, model_ref.device,
