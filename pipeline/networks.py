@@ -93,10 +93,10 @@ class TorchNetwork:
         tensor = tensor.to(self._device, non_blocking=cuda)
         if self.channels_last:
             tensor = tensor.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            with torch.autocast(self._device.type, dtype=self.autocast,
-                                enabled=self.autocast is not None):
-                return self.module(tensor)
+        autocast = torch.autocast(self._device.type, dtype=self.autocast,
+                                  enabled=self.autocast is not None)
+        with torch.inference_mode(), autocast:
+            return self.module(tensor)
 
 
 def _device_of(module: nn.Module) -> torch.device:
