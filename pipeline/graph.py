@@ -184,7 +184,8 @@ class Waves:
         token = scene_token(job, self._model, self._batch_size, self._probabilities)
         target = SceneTarget(plan.info.path, job.identity, job.out_dir, plan.outputs.stem,
                              job.run_id, self._probabilities, plan.overview_levels(),
-                             job.fingerprint, allow_vrt=plan.info.driver == VRT)
+                             job.fingerprint, allow_vrt=plan.info.driver == VRT,
+                             grid=plan.grid)
         batches = iter(()) if job.publish_only else plan.batches(self._batch_size, job.skip)
         return _Scene(key, job, token, target, batches)
 

@@ -79,6 +79,7 @@ def plan_axis(
     stride: int,
     align: int,
     reach: Sequence[tuple[int, int]],
+    fixed: int | None = None,
 ) -> tuple[AxisPart, ...]:
     """Cut one axis of ``n_out`` output cells into cores of ``tile`` cells.
 
@@ -86,6 +87,15 @@ def plan_axis(
     pixels output cell ``j`` needs before and after its own cell (one entry
     for a fixed halo). Windows are clamped to ``[0, n_in)`` and their inner
     edges put on multiples of ``align``.
+
+    ``fixed``: the one window length the network takes. A shorter window is
+    lengthened inside the scene (more real context, inner edges still on the
+    ``align`` grid) up to ``fixed``; one still shorter (a scene shorter than
+    ``fixed``, or alignment) is padded by the prediction core, never labelled.
+
+    Raises:
+        GeometryError: a length is not positive, ``align`` is not a multiple of
+            ``stride``, or a window needs more than ``fixed`` px.
     """
     if min(n_in, n_out, tile, stride, align) < 1:
         raise GeometryError(
@@ -101,9 +111,44 @@ def plan_axis(
         hi = j1 * stride + reach[(j1 - 1) % len(reach)][1]
         w0 = 0 if lo <= 0 else align_down(lo, align)
         w1 = n_in if hi >= n_in else min(n_in, align_up(hi, align))
+        if fixed is not None:
+            w0, w1 = _fit(w0, w1, n_in, fixed, align)
         shift = w0 // stride
         parts.append(AxisPart(Span(j0, j1), Span(w0, w1), Span(j0 - shift, j1 - shift)))
     return tuple(parts)
+
+
+def _fit(w0: int, w1: int, n_in: int, fixed: int, align: int) -> tuple[int, int]:
+    """A window ``[w0, w1)`` lengthened towards ``fixed`` px inside ``[0, n_in)``."""
+    if w1 - w0 > fixed:
+        raise GeometryError(f"a window of {w1 - w0} px is needed but the network takes "
+                            f"{fixed} px; use a smaller halo")
+    w1 = min(n_in, w0 + fixed)
+    if w1 - w0 < fixed and w0 > 0:
+        w0 = max(0, align_up(w1 - fixed, align))
+    return w0, w1
+
+
+def fixed_tile_size(window: Pair, field: ReceptiveField, halo: Halo | None = None) -> Pair:
+    """The core tile, in input px ``(rows, cols)``, of a network that takes only
+    ``window`` px windows: the window less the halo on both sides (each rounded up to
+    the ``align`` grid), rounded down to that grid.
+
+    Raises:
+        GeometryError: the halo leaves no core tile inside the window.
+    """
+    used = field.halo() if halo is None else halo
+    sizes = []
+    for k in (0, 1):
+        a = field.align[k]
+        size = align_down(window[k] - align_up(used.before[k], a) - align_up(used.after[k], a), a)
+        if size < field.stride[k]:
+            raise GeometryError(
+                f"the network takes {window[0]}x{window[1]} px windows; a halo of "
+                f"{used.before[k]}+{used.after[k]} px leaves no core tile inside them "
+                "(declare a smaller halo)")
+        sizes.append(size)
+    return (sizes[0], sizes[1])
 
 
 @dataclass(frozen=True)
@@ -133,6 +178,8 @@ class TileGrid:
     halo: Halo
     rows: tuple[AxisPart, ...]
     cols: tuple[AxisPart, ...]
+    #: The one ``(rows, cols)`` window the network takes, or None.
+    window: Pair | None = None
 
     @classmethod
     def build(
@@ -142,13 +189,21 @@ class TileGrid:
         field: ReceptiveField,
         tile_size: int | Pair,
         halo: Halo | int | Pair | None = None,
+        window: Pair | None = None,
     ) -> TileGrid:
         """Tiles of about ``tile_size`` input pixels a side for a scene.
 
         ``halo=None`` takes the field's derived halo; an explicit halo
         overrides it. ``tile_size`` is in input pixels and is rounded up to a
-        whole number of output cells.
+        whole number of output cells. ``window``: the one ``(rows, cols)`` input
+        the network takes; the tiles are then :func:`fixed_tile_size` and
+        ``tile_size`` is not used.
+
+        Raises:
+            GeometryError: a size is not positive, or the halo does not fit ``window``.
         """
+        if window is not None:
+            tile_size = fixed_tile_size(window, field, None if halo is None else Halo.of(halo))
         tile_in = (tile_size, tile_size) if isinstance(tile_size, int) else tuple(tile_size)
         if len(tile_in) != 2 or min(tile_in) < 1:
             raise GeometryError(f"tile size must be a positive int or pair, got {tile_size!r}")
@@ -173,6 +228,7 @@ class TileGrid:
                 stride=field.stride[k],
                 align=field.align[k],
                 reach=reaches[k],
+                fixed=None if window is None else window[k],
             )
             for k in (0, 1)
         ]
@@ -185,6 +241,7 @@ class TileGrid:
             halo=used,
             rows=axes[0],
             cols=axes[1],
+            window=window,
         )
 
     @property
@@ -214,7 +271,9 @@ class TileGrid:
 
     @property
     def max_window_shape(self) -> Pair:
-        """The largest window, for memory estimates."""
+        """The largest window (the network's fixed input, if any), for memory estimates."""
+        if self.window is not None:
+            return self.window
         return (
             max(p.window.size for p in self.rows),
             max(p.window.size for p in self.cols),

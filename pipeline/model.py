@@ -41,6 +41,7 @@ from pipeline.modelspec import (
     load_spec,
     missing_weights_error,
 )
+from pipeline.networks import Network, TorchNetwork
 
 _FEW = 5
 
@@ -112,6 +113,16 @@ def cached_model(spec_path: str, sha256: str, device: str, *, channels_last: boo
                 module = torch.compile(module)  # type: ignore[assignment]
             entry = _MODELS[key] = (spec, module)
     return entry
+
+
+def cached_network(spec_path: str, sha256: str, device: str, *, threads: int = 1,
+                   precision: str = "fp32", channels_last: bool = False, compile: bool = False,
+                   trust_code: bool = False) -> tuple[ModelSpec, Network]:
+    """The spec and network for a task (:func:`cached_model`, as a :class:`Network`)."""
+    spec, module = cached_model(spec_path, sha256, device, channels_last=channels_last,
+                                compile=compile, trust_code=trust_code)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return spec, TorchNetwork(module, autocast=autocast, channels_last=channels_last)
 
 
 def clear_model_cache() -> None:

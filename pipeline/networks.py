@@ -44,6 +44,8 @@ class NetworkSignature:
     input_name: str | None = None
     output_name: str | None = None
     input_dtype: str = "float32"
+    #: The one batch size the network takes (an export with batch fixed to 1), None: any.
+    batch: int | None = None
 
 
 class Network(Protocol):

@@ -390,6 +390,7 @@ def _work(config: RunConfig, checked: Preflight, scenes: list[_Scene],
         precision=config.precision,
         channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
         compile=config.compile, trust_code=config.trust_spec_code,
+        batch_size=config.batch_size,
     )
     gpu = device == "cuda" if config.gpu_resource is None else config.gpu_resource
     cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker, gpu=gpu,

@@ -2,11 +2,11 @@
 
 A task receives paths, boxes and a model reference (spec path + weights
 sha256 + device + whether the run trusts the spec's code), never open files or
-weights. It reads only its windows,
-runs the model its worker process loaded once (:func:`cached_model`), crops
-each window's output to its core tile and writes that tile's Zarr chunk and its
-share of the COG's overview levels, then records the tile with the checksums of
-those chunks.
+weights. It reads only its windows, runs them through the network its worker
+process loaded once (:func:`pipeline.model.cached_network`) with the prediction core
+(:class:`pipeline.prediction.Predictor`, the one :func:`pipeline.inference.predict_tiled`
+uses), and writes each tile's Zarr chunk and its share of the COG's overview levels,
+then records the tile with the checksums of those chunks.
 
 Before every write a task checks that its run still holds the output folder
 (:func:`pipeline.journal.check_run`), and around every read that the scene file is
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
@@ -29,13 +28,13 @@ import numpy as np
 import torch
 
 from pipeline.errors import OutputError, PipelineError, SceneChangedError, SceneError
-from pipeline.grid import Tile
-from pipeline.inference import class_labels, finite_scores
+from pipeline.grid import Box, Tile, TileGrid
 from pipeline.journal import FileIdentity, SceneRecord, check_run, record_tile
 from pipeline.labels import label_dtype
-from pipeline.model import cached_model
-from pipeline.modelspec import ModelSpec, model_input
+from pipeline.model import cached_network
+from pipeline.modelspec import ModelSpec, fill_values, model_input
 from pipeline.overviews import pyramid
+from pipeline.prediction import CROP, Predictor, TilePrediction
 from pipeline.publication import PublishTarget, publish
 from pipeline.readers import pixel_validity, read_window
 from pipeline.scene import nodata_problem
@@ -78,6 +77,10 @@ class ModelRef:
     compile: bool = False
     #: The run trusts the spec's code: a worker builds an import-path architecture only then.
     trust_code: bool = False
+    #: Windows per forward pass.
+    batch_size: int = 1
+    #: How tiles are stitched: ``crop`` or ``blend`` (:mod:`pipeline.prediction`).
+    stitch: str = CROP
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -106,6 +109,8 @@ class SceneTarget:
     #: The scene was planned as a VRT (``--allow-vrt``); otherwise it is read only as a
     #: GeoTIFF, whatever the file has become.
     allow_vrt: bool = False
+    #: The scene's tiles: a blending task finds the windows around its tiles in it.
+    grid: TileGrid | None = None
 
     @property
     def record(self) -> SceneRecord:
@@ -182,15 +187,15 @@ def _check_unchanged(target: SceneTarget) -> None:
 
 
 def _read(spec: ModelSpec, target: SceneTarget,
-          tile: Tile) -> tuple[np.ndarray, np.ndarray, float]:
-    """A tile's raw window, the validity of the whole window, and the seconds it took.
+          window: Box) -> tuple[np.ndarray, np.ndarray, float]:
+    """A raw window, the validity of the whole window, and the seconds it took.
 
     The scene is checked to be the planned file before and after the read, so no
     window mixes two versions of it.
     """
     start = time.perf_counter()
     _check_unchanged(target)
-    data, scene_valid = read_window(target.scene, tile.window, spec.bands,
+    data, scene_valid = read_window(target.scene, window, spec.bands,
                                     allow_vrt=target.allow_vrt)
     _check_unchanged(target)
     valid = _valid(spec, data, scene_valid, target.scene)
@@ -201,94 +206,72 @@ def _read(spec: ModelSpec, target: SceneTarget,
 def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, ...]) -> BatchStats:
     """Predict ``tiles`` of one scene and write their chunks.
 
-    Windows are read by a small thread pool while the network runs, so reading
-    and decoding overlap with compute; windows of equal shape go through the
-    network in one batch (pinned memory and non-blocking copies on a GPU).
-    Tiles whose core has no valid input pixel are written as nodata without
-    inference.
+    The windows the tiles need (:meth:`pipeline.prediction.Predictor.windows`) are read
+    by a small thread pool while the network runs, so reading and decoding overlap
+    with compute; the prediction core batches windows of equal shape (pinned memory
+    and non-blocking copies on a GPU). Tiles whose core has no valid input pixel are
+    written as nodata without inference.
     """
     start = time.perf_counter()
     check_run(target.out_dir, target.run_id)
     record = target.record
     if not record.work.exists() and record.published_as(target.fingerprint, deep=False) is not None:
         return BatchStats(len(tiles), 0, sum(t.core.area for t in tiles), 0.0)
+    if target.grid is None:
+        raise ValueError("predict_tiles needs the scene's grid in its target")
+    spec, network = cached_network(
+        model_ref.spec_path, model_ref.sha256, model_ref.device, threads=model_ref.threads,
+        precision=model_ref.precision, channels_last=model_ref.channels_last,
+        compile=model_ref.compile, trust_code=model_ref.trust_code)
+    classes = len(spec.classes)
+    predictor = Predictor(network, target.grid, classes=classes, nodata=spec.nodata_output,
+                          label_dtype=label_dtype(classes), fill=fill_values(spec, np.float32),
+                          batch_size=model_ref.batch_size, stitch=model_ref.stitch,
+                          scores=target.probabilities)
     _prepare_torch(model_ref.threads)
-    spec, model = cached_model(model_ref.spec_path, model_ref.sha256, model_ref.device,
-                               channels_last=model_ref.channels_last, compile=model_ref.compile,
-                               trust_code=model_ref.trust_code)
     inferred = 0
-    read_s = model_s = write_s = 0.0
+    read_s = wait_s = write_s = 0.0
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="read") as pool:
-        reads = [pool.submit(_read, spec, target, tile) for tile in tiles]
-        groups: dict[tuple[int, int], list[tuple[Tile, np.ndarray, np.ndarray]]] = defaultdict(list)
-        for tile, read in zip(tiles, reads):
-            data, window_valid, seconds = read.result()
-            read_s += seconds
-            valid = window_valid[tile.crop.slices()]
-            if not valid.any():
-                t0 = time.perf_counter()
-                _write(target, tile, np.full(tile.core.shape, spec.nodata_output), None, spec)
-                write_s += time.perf_counter() - t0
-                continue
+        reads = {window: pool.submit(_read, spec, target, window)
+                 for window in predictor.windows(tiles)}
+
+        def read(window: Box) -> tuple[np.ndarray, np.ndarray]:
+            nonlocal read_s, wait_s
             t0 = time.perf_counter()
-            groups[tile.window.shape].append((tile, model_input(data, window_valid, spec), valid))
-            model_s += time.perf_counter() - t0
-        for members in groups.values():
-            model_part, write_part = _infer(model_ref, model, spec, target, members)
-            model_s += model_part
-            write_s += write_part
-            inferred += len(members)
+            data, valid, seconds = reads.pop(window).result()
+            wait_s += time.perf_counter() - t0
+            read_s += seconds
+            return model_input(data, valid, spec), valid
+
+        predicting = time.perf_counter()
+        for result in predictor.predict(tiles, read):
+            t0 = time.perf_counter()
+            _write(target, result, spec)
+            write_s += time.perf_counter() - t0
+            inferred += result.inferred
+        # what is neither waiting for a window nor writing: normalising, the forward
+        # passes, labels and scores back on the host
+        model_s = time.perf_counter() - predicting - wait_s - write_s
     pixels = sum(t.core.area for t in tiles)
     return BatchStats(len(tiles), inferred, pixels, time.perf_counter() - start,
                       read_s, model_s, write_s)
 
 
-def _infer(model_ref: ModelRef, model: torch.nn.Module, spec: ModelSpec, target: SceneTarget,
-           members: list[tuple[Tile, np.ndarray, np.ndarray]]) -> tuple[float, float]:
-    """One forward pass over windows of one shape; crop, mask and write each tile.
-
-    Returns the seconds spent on the model (input copy, forward pass, labels and
-    scores on the host) and on writing.
-    """
-    start = time.perf_counter()
-    writing = 0.0
-    batch = torch.from_numpy(np.stack([x for _, x, _ in members]))
-    cuda = model_ref.device.startswith("cuda")
-    if cuda:
-        batch = batch.pin_memory()
-    batch = batch.to(model_ref.device, non_blocking=cuda)
-    if model_ref.channels_last:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    dtype = model_ref.autocast_dtype
-    # uint8 labels where they fit; wider ones go through int32 (_write casts to the store's).
-    index_dtype = torch.uint8 if len(spec.classes) <= 255 else torch.int32
-    with torch.inference_mode():
-        with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype is not None):
-            scores = model(batch)
-        for k, (tile, _, valid) in enumerate(members):
-            rows, cols = tile.crop.slices()
-            crop = scores[k:k + 1, :, rows, cols]
-            block = class_labels(crop, index_dtype)[0].cpu().numpy()
-            labelled = valid & finite_scores(crop)[0].cpu().numpy()
-            block[~labelled] = spec.nodata_output
-            tile_probs = None
-            if target.probabilities:
-                probs = torch.softmax(crop.float(), dim=1)[0].to(torch.float16)
-                tile_probs = probs.cpu().numpy()
-                tile_probs[:, ~labelled] = np.nan
-            t0 = time.perf_counter()
-            _write(target, tile, block, tile_probs, spec)
-            writing += time.perf_counter() - t0
-    return time.perf_counter() - start - writing, writing
+def _probabilities(result: TilePrediction, classes: int) -> np.ndarray:
+    """A tile's class probabilities, ``(K, rows, cols)`` float16, NaN where not labelled."""
+    if result.scores is None or not result.inferred:
+        return np.full((classes, *result.tile.core.shape), np.nan, dtype=np.float16)
+    scores = torch.from_numpy(np.ascontiguousarray(result.scores)).float()
+    probs = torch.softmax(scores, dim=0).to(torch.float16).numpy()
+    probs[:, ~result.labelled] = np.nan
+    return probs
 
 
-def _write(target: SceneTarget, tile: Tile, labels: np.ndarray, probs: np.ndarray | None,
-           spec: ModelSpec) -> None:
+def _write(target: SceneTarget, result: TilePrediction, spec: ModelSpec) -> None:
     """Write a tile's chunks, then record it with their checksums (only while the run
     still holds the output folder)."""
-    if target.probabilities and probs is None:
-        probs = np.full((len(spec.classes), *tile.core.shape), np.nan, dtype=np.float16)
-    labels = labels.astype(label_dtype(len(spec.classes)), copy=False)
+    tile, labels = result.tile, result.labels
+    probs = _probabilities(result, len(spec.classes)) if target.probabilities else None
     record = target.record
     check_run(target.out_dir, target.run_id)
     written = write_labels(record.store, tile.core, labels, probs)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import GeometryError
-from pipeline.inference import class_labels, finite_scores, predict_tiled
+from pipeline.inference import predict_tiled
+from pipeline.prediction import class_labels, finite_scores
 from tests.zoo import ZOO
 
 
