@@ -45,20 +45,23 @@ def fingerprint_values(plan: ScenePlan, scene_sha256: str | None, spec: ModelSpe
                        model_sha256: str, config: RunConfig, device: str) -> dict[str, Any]:
     """What decides a scene's outputs: the scene's content (not its path or modification
     time: a copied or regenerated identical scene is the same input), model, settings."""
-    return {
+    values = {
         "scene_sha256": scene_sha256, "shape": list(plan.info.shape),
         "model_sha256": model_sha256, "model_name": spec.name,
         "spec": spec_values(spec), "tile_shape": list(plan.grid.tile_shape),
         "halo": asdict(plan.grid.halo), "probabilities": config.probabilities, "device": device,
         "precision": config.precision,
     }
+    if config.stitch != "crop":  # only then: outputs made before blending existed stay valid
+        values["stitch"] = config.stitch
+    return values
 
 
 #: Fingerprint values by what they are to a user, for the reason of a refusal.
 _WHAT = {"scene_sha256": "input", "shape": "input", "model_sha256": "model",
          "model_name": "model", "spec": "model spec", "tile_shape": "tile size",
          "halo": "tile size", "probabilities": "settings", "device": "settings",
-         "precision": "settings"}
+         "precision": "settings", "stitch": "settings"}
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -67,9 +70,10 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     new = json.loads(json.dumps(new, default=str))  # as stored: tuples become lists
     found: list[str] = []
     settings = [key for key, what in _WHAT.items()
-                if what == "settings" and key in old and old.get(key) != new.get(key)]
+                if what == "settings" and (key in old or key in new)
+                and old.get(key) != new.get(key)]
     for key, what in _WHAT.items():
-        if key in old and old.get(key) != new.get(key) and what not in found:
+        if (key in old or key in new) and old.get(key) != new.get(key) and what not in found:
             found.append(what)
     return [f"settings ({', '.join(settings)})" if w == "settings" else w for w in found]
 

@@ -23,7 +23,14 @@ from typing import IO, Any, NoReturn
 import click
 
 from pipeline._version import __version__
-from pipeline.errors import ConfigError, ModelError, OutputError, PipelineError
+from pipeline.errors import (
+    ConfigError,
+    GeometryError,
+    ModelAnalysisError,
+    ModelError,
+    OutputError,
+    PipelineError,
+)
 from pipeline.signals import Interrupted, stop_on_signals
 
 TILE_SIZES = (512, 1024, 2048)
@@ -184,6 +191,12 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 @click.option("--memory-budget", help="Memory one inference task may use, e.g. 2GiB (default: "
               "60 percent of the GPU, or of the RAM shared between workers).")
 @click.option("--batch-size", type=int, help="Tiles per task and per forward pass (default 1).")
+@click.option("--halo", help="Declared halo in px, N or ROWS,COLS (default auto: derived from "
+              "the receptive field, else the spec's halo): lets a model with global context "
+              "run, its deviation from one-window prediction measured and reported.")
+@click.option("--stitch", type=click.Choice(["crop", "blend"]),
+              help="How tiles are joined: crop each window to its tile (default; exact with "
+                   "the derived halo) or blend overlapping windows with weights.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default auto.")
 @click.option("--scheduler", help="Dask scheduler address (else DASK_SCHEDULER_ADDRESS, else an "
               "embedded cluster); tls://HOST:PORT with the --tls-* files.")
@@ -231,7 +244,7 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 def run(scenes: tuple[str, ...], output: str | None, model: str | None,
         trust_spec_code: bool | None, workflow: str | None,
         date: str | None, tile_size: str | None, memory_budget: str | None,
-        batch_size: int | None, device: str | None,
+        batch_size: int | None, halo: str | None, stitch: str | None, device: str | None,
         scheduler: str | None, tls_ca_file: str | None, tls_cert: str | None,
         tls_key: str | None, listen: str | None, cluster: str | None, cluster_spec: str | None,
         workers: int | None, threads_per_worker: int | None, precision: str | None,
@@ -243,7 +256,7 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
     a Zarr store and a COG each in --out."""
     from contextlib import ExitStack
 
-    from pipeline.config import parse_bytes, parse_count, resolve, values_from_env
+    from pipeline.config import parse_bytes, parse_count, parse_halo, resolve, values_from_env
     from pipeline.preflight import preflight
     from pipeline.workflow import load_workflow
 
@@ -262,6 +275,7 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
             "scenes": tuple(scenes) or None, "output": output, "model": model,
             "trust_spec_code": trust_spec_code,
             "tile_size": _tile_size(tile_size), "batch_size": batch_size, "device": device,
+            "halo": parse_halo(halo, "--halo") if halo else None, "stitch": stitch,
             "memory_budget": parse_bytes(memory_budget) if memory_budget else None,
             "scheduler": scheduler, "tls_ca_file": tls_ca_file, "tls_cert": tls_cert,
             "tls_key": tls_key, "listen": listen,
@@ -299,7 +313,7 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
                 on_dashboard=None if quiet else
                 (lambda link: click.echo(f"Dask dashboard: {link}", err=True)),
             )
-    except (ConfigError, ModelError) as exc:
+    except (ConfigError, ModelError, ModelAnalysisError, GeometryError) as exc:
         _fail_usage(exc)
     except OutputError as exc:
         _fail(exc)
@@ -644,6 +658,8 @@ def _summary(report: Any) -> str:
     if any(s.skipped for s in report.scenes):
         lines.append("skipped: already published with the same input, model and settings "
                      "(figures of the run that made them)")
+    lines += [f"{s.stem}: {s.exactness['summary']}" for s in report.scenes
+              if s.exactness and not s.exactness.get("exact") and s.exactness.get("summary")]
     return "\n".join(lines)
 
 

@@ -28,6 +28,8 @@ MAX_WORKERS = 100_000
 DEFAULT_MAX_BANDS = 1024
 DEFAULT_MAX_PIXELS = 10**11
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: How tiles are stitched (:mod:`pipeline.prediction`).
+STITCHES = ("crop", "blend")
 #: A host name or IPv4 address (compute.listen).
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -41,6 +43,8 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
         "tile_size": ("tile_size", int),
         "batch_size": ("batch_size", int),
         "memory_budget": ("memory_budget", int),
+        "halo": ("halo", tuple),
+        "stitch": ("stitch", str),
     },
     "compute": {
         "device": ("device", str),
@@ -79,6 +83,10 @@ class RunConfig:
     tile_size: int | None = None
     batch_size: int = 1
     memory_budget: int | None = None
+    #: A declared halo ``(rows, cols)`` in px (``--halo``), over the spec's ``halo``; None:
+    #: derived from the receptive field, or the spec's.
+    halo: tuple[int, int] | None = None
+    stitch: str = "crop"
     device: str = "auto"
     scheduler: str | None = None
     #: The interface the embedded cluster's scheduler, dashboard and workers bind to.
@@ -119,6 +127,13 @@ class RunConfig:
             )
         if self.batch_size < 1:
             raise ConfigError(f"tiling.batch_size must be at least 1, got {self.batch_size}")
+        if self.stitch not in STITCHES:
+            raise ConfigError(
+                f"tiling.stitch must be one of {', '.join(STITCHES)}, got {self.stitch!r}")
+        if self.halo is not None and not (
+                len(self.halo) == 2 and all(0 <= h <= MAX_TILE for h in self.halo)):
+            raise ConfigError(f"tiling.halo must be px from 0 to {MAX_TILE}, one number or "
+                              f"rows,cols, got {self.halo!r}")
         if self.device not in DEVICES:
             raise ConfigError(
                 f"compute.device must be one of {', '.join(DEVICES)}, got {self.device!r}"
@@ -150,7 +165,7 @@ class RunConfig:
             target = tree if not section else tree.setdefault(section, {})
             for key, (attr, _) in keys.items():
                 value = flat[attr]
-                if attr == "tile_size" and value is None:
+                if attr in ("tile_size", "halo") and value is None:
                     value = "auto"
                 target[key] = list(value) if isinstance(value, tuple) else value
         return tree
@@ -199,9 +214,43 @@ def parse_count(text: str | float | int, where: str = "") -> int:
     return int(number)
 
 
+def parse_halo(value: Any, where: str = "halo") -> tuple[int, int] | None:
+    """A halo ``(rows, cols)`` in px from ``16``, ``"16"``, ``"8,16"`` or ``[8, 16]``;
+    ``auto`` is None (derived from the receptive field, or the spec's).
+
+    Raises:
+        ConfigError: anything else (one line naming ``where``).
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    items: list[Any]
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    numbers: list[int] = []
+    for item in items:
+        if isinstance(item, bool):
+            numbers = []
+            break
+        if isinstance(item, int) or (isinstance(item, str) and item.isdigit()):
+            numbers.append(int(item))
+        else:
+            numbers = []
+            break
+    if len(numbers) not in (1, 2):
+        raise ConfigError(f"{where} must be px: one number, or rows,cols (16 or 8,16), "
+                          f"or auto, got {value!r}")
+    return (numbers[0], numbers[-1])
+
+
 def _coerce(where: str, value: Any, kind: type) -> Any:
     if "tile_size" in where and isinstance(value, str) and value.strip().lower() == "auto":
         return None
+    if kind is tuple:
+        return parse_halo(value, where)
     if "max_pixels" in where and isinstance(value, (str, float)):
         return parse_count(value, where)
     if "memory_budget" in where and isinstance(value, str):
@@ -258,7 +307,7 @@ def values_from_tree(tree: Mapping[str, Any], source: str = "config") -> dict[st
                 attr, kind = _LAYOUT[key][sub]
                 if sub_value is None and attr in ("scheduler", "workers", "gpu_resource",
                                                   "tls_ca_file", "tls_cert", "tls_key",
-                                                  "channels_last",
+                                                  "channels_last", "halo",
                                                   "memory_budget"):
                     continue
                 values[attr] = _coerce(f"{source}: {key}.{sub}", sub_value, kind)

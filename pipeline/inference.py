@@ -302,36 +302,36 @@ def activation_bytes(model: nn.Module, input_shape: tuple[int, int, int], batch:
     return peak
 
 
-def window_speeds(model: nn.Module, channels: int, windows: list[tuple[int, int]],
+def window_speeds(network: Network, channels: int, windows: list[tuple[int, int]],
                   threads: int, *, time_limit: float = 2.0) -> dict[tuple[int, int], float]:
-    """Forward speed (input pixels per second) of ``model`` on windows of each shape,
+    """Forward speed (input pixels per second) of ``network`` on windows of each shape,
     smallest first, with ``threads`` torch threads: the best of two passes after a
     warm-up. Stops once ``time_limit`` seconds are spent or a pass takes a quarter of
     it; shapes not reached are left out.
     """
     speeds: dict[tuple[int, int], float] = {}
-    device = _device_of(model)
+    cuda = network.device.startswith("cuda")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     start = time.perf_counter()
+    generator = np.random.default_rng(0)
     try:
-        with torch.inference_mode():
-            for shape in sorted(set(windows), key=lambda s: s[0] * s[1]):
-                x = torch.rand((1, channels, *shape), device=device)
-                model(x)  # warm-up, not timed
-                best = math.inf
-                for _ in range(2):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    model(x)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    best = min(best, time.perf_counter() - t0)
-                speeds[shape] = shape[0] * shape[1] / best
-                spent = time.perf_counter() - start
-                if spent > time_limit or best > time_limit / 4:
-                    break
+        for shape in sorted(set(windows), key=lambda s: s[0] * s[1]):
+            x = generator.random((1, channels, *shape), dtype=np.float32)
+            network.forward(x)  # warm-up, not timed
+            best = math.inf
+            for _ in range(2):
+                if cuda:
+                    torch.cuda.synchronize(network.device)
+                t0 = time.perf_counter()
+                network.forward(x)
+                if cuda:
+                    torch.cuda.synchronize(network.device)
+                best = min(best, time.perf_counter() - t0)
+            speeds[shape] = shape[0] * shape[1] / best
+            spent = time.perf_counter() - start
+            if spent > time_limit or best > time_limit / 4:
+                break
     finally:
         torch.set_num_threads(old)
     return speeds

@@ -136,13 +136,19 @@ class MemoryEstimate:
 
 
 def describe(plans: list[ScenePlan], field: ReceptiveField, memory: MemoryEstimate,
-             batch_size: int, choice: TileChoice) -> str:
-    """The dry-run text: tiles, halo, overhead and memory, per scene and in total."""
+             batch_size: int, choice: TileChoice, method: str = "analysed") -> str:
+    """The dry-run text: tiles, halo, overhead and memory, per scene and in total.
+    ``method``: how the field is known (analysed, probed, or declared: a halo declared
+    for a model with global context)."""
     halo = plans[0].grid.halo if plans else field.halo()
+    geometry = (f"receptive field {field.size[0]}x{field.size[1]} px ({method}), stride "
+                f"{field.stride[0]}, windows aligned to {field.align[0]} px")
+    if method == "declared":
+        geometry = ("receptive field: not finite (global context), halo declared; "
+                    f"stride {field.stride[0]}")
     lines = [
         f"tile size {choice.size} px ({choice.reason})",
-        f"receptive field {field.size[0]}x{field.size[1]} px, stride {field.stride[0]}, "
-        f"windows aligned to {field.align[0]} px",
+        geometry,
         f"halo before {halo.before[0]}x{halo.before[1]} px, after {halo.after[0]}x{halo.after[1]} "
         "px (rows x cols)",
         f"memory per inference task ~{memory.total / 2**20:.0f} MiB "

@@ -35,6 +35,9 @@ class SceneResult:
     #: Seconds the scene's tasks spent reading windows, running the model, writing
     #: chunks, and publishing (COG and store), summed over tasks and reading threads.
     work_seconds: dict[str, float] = field(default_factory=dict)
+    #: What the scene's tiling guarantees (:meth:`pipeline.exactness.Exactness.to_json`):
+    #: exact, method, halo, max_abs_deviation, labels_changed.
+    exactness: dict[str, Any] | None = None
 
     @property
     def megapixels_per_second(self) -> float:

@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline._version import __version__
@@ -42,8 +43,10 @@ from pipeline.actions import (
 from pipeline.cluster import ClusterSpec, connect
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, OutputError
+from pipeline.exactness import Exactness, measure, sample_region
+from pipeline.formats import VRT
 from pipeline.graph import SceneJob, Waves, stop_tasks
-from pipeline.grid import TileGrid
+from pipeline.grid import Box
 from pipeline.journal import (
     FINGERPRINT_ATTR,
     WORK,
@@ -58,11 +61,12 @@ from pipeline.journal import (
     write_json,
     write_manifest,
 )
+from pipeline.modelspec import fill_values
 from pipeline.plan import MemoryEstimate, ScenePlan, TileChoice, describe
 from pipeline.preflight import Preflight, SceneCheck, preflight, save_digests
 from pipeline.report import Progress, RunReport, SceneResult, failed_report
 from pipeline.signals import Interrupted, deferred
-from pipeline.tasks import BatchStats, ModelRef
+from pipeline.tasks import BatchStats, ModelRef, read_input
 from pipeline.tiling import (
     AnalysedModel,
     Tiling,
@@ -126,7 +130,8 @@ class _Scene:
 
 def _figures(result: SceneResult) -> dict[str, Any]:
     return {"seconds": result.seconds, "tiles": result.tiles, "inferred": result.inferred,
-            "attempts": result.attempts, "work_seconds": result.work_seconds}
+            "attempts": result.attempts, "work_seconds": result.work_seconds,
+            "exactness": result.exactness}
 
 
 def _apply_skip(result: SceneResult, scene: _Scene, out_dir: Path) -> None:
@@ -158,7 +163,7 @@ def _plan_scenes(checked: Preflight, results: list[SceneResult], model: Analysed
     for k, check in enumerate(checked.scenes):
         if check.info is None:
             continue
-        grid = TileGrid.build(check.info.shape, check.info.shape, model.field, choice.size)
+        grid = model.grid(check.info.shape, choice.size)
         plan = ScenePlan(check.info, grid, check.outputs)
         values = fingerprint_values(plan, check.digest, model.spec, model.sha256, config,
                                     device)
@@ -214,7 +219,7 @@ def run(config: RunConfig, *, dry_run: bool = False,
     if not checked.runnable:
         return failed_report([(r.scene, r.stem, r.error) for r in results], NO_SCENE)
     model = analyse_model(checked.spec, checked.weights_sha256,
-                          trust_code=config.trust_spec_code)
+                          trust_code=config.trust_spec_code, halo=config.halo)
     remote = bool(config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"))
     device = _resolve_device(config.device, remote)
     for check in checked.runnable:
@@ -228,9 +233,13 @@ def run(config: RunConfig, *, dry_run: bool = False,
         raise ConfigError(refusal)
     plans = [s.plan for s in scenes]
     memory = check_task_memory(plans, model, config, device, tiling.choice.size)
-    plan_text = describe(plans, model.field, memory, config.batch_size, tiling.choice)
+    _exactness(scenes, results, model, config, tiling.choice.size, checked.out_dir)
+    plan_text = describe(plans, model.field, memory, config.batch_size, tiling.choice,
+                         model.method)
     plan_text += "\n" + "\n".join(action_line(r.stem, r.action, r.error) for r in results)
-    plan_data = _plan_data(scenes, results, model, memory, tiling.choice)
+    plan_text += "".join(f"\n{r.stem}: {r.exactness['summary']}" for r in results
+                         if r.exactness and not r.exactness["exact"])
+    plan_data = _plan_data(scenes, results, model, memory, tiling.choice, config)
     if dry_run:
         plan_data["refusal"] = refusal
         return RunReport(results, None, plan_text, plan=plan_data, refusal=refusal)
@@ -240,20 +249,56 @@ def run(config: RunConfig, *, dry_run: bool = False,
                     plan_data, started, on_progress, on_dashboard, say)
 
 
+def _exactness(scenes: list[_Scene], results: list[SceneResult], model: AnalysedModel,
+               config: RunConfig, tile: int, out_dir: Path) -> None:
+    """Each planned scene's exactness: exact for a derived field; for a declared halo,
+    the deviation measured on the scene's sample region (a skipped scene keeps what the
+    run that made it measured)."""
+    for scene in scenes:
+        result = results[scene.index]
+        if model.exact:
+            result.exactness = model.exactness().to_json()
+            continue
+        if scene.action == SKIP:
+            record = SceneRecord(out_dir, scene.plan.outputs.stem).published_record()
+            kept = (record.figures or {}).get("exactness") if record is not None else None
+            if kept:
+                result.exactness = dict(kept)
+                continue
+        result.exactness = _measure(scene, model, config, tile).to_json()
+
+
+def _measure(scene: _Scene, model: AnalysedModel, config: RunConfig, tile: int) -> Exactness:
+    """The deviation of the tiled prediction from one window on the scene's sample region
+    (:func:`pipeline.exactness.measure`), on this process's copy of the network."""
+    info = scene.plan.info
+    spec = model.spec
+    region = sample_region(info.shape, scene.plan.grid.tile_shape)
+
+    def read(window: Box) -> tuple[np.ndarray, np.ndarray]:
+        return read_input(spec, info.path, window, allow_vrt=info.driver == VRT)
+
+    return measure(model.network, model.field, model.halo, tile, region, read,
+                   classes=len(spec.classes), fill=fill_values(spec, np.float32),
+                   stitch=config.stitch, method=model.method)
+
+
 def _plan_data(scenes: list[_Scene], results: list[SceneResult], model: AnalysedModel,
-               memory: MemoryEstimate, choice: TileChoice) -> dict[str, Any]:
-    halo = model.field.halo()
+               memory: MemoryEstimate, choice: TileChoice, config: RunConfig) -> dict[str, Any]:
+    halo = model.halo
     return {
         "tile_size": choice.size, "tile_reason": choice.reason,
         "receptive_field": list(model.field.size), "stride": list(model.field.stride),
         "align": list(model.field.align),
         "halo": {"before": list(halo.before), "after": list(halo.after)},
+        "method": model.method, "exact": model.exact, "stitch": config.stitch,
+        "window": list(model.window) if model.window else None,
         "memory_per_task_bytes": memory.total,
         "scenes": [
             {"scene": r.scene, "stem": r.stem, "status": r.status, "error": r.error,
              "action": r.action,
              "width": r.shape[1] if r.shape else None, "height": r.shape[0] if r.shape else None,
-             "tiles": r.tiles,
+             "tiles": r.tiles, "exactness": r.exactness,
              "outputs": {"zarr": str(s.plan.outputs.store), "cog": str(s.plan.outputs.cog)}
              if (s := next((x for x in scenes if x.index == k), None)) else {}}
             for k, r in enumerate(results)
@@ -390,7 +435,7 @@ def _work(config: RunConfig, checked: Preflight, scenes: list[_Scene],
         precision=config.precision,
         channels_last=device == "cuda" if config.channels_last is None else config.channels_last,
         compile=config.compile, trust_code=config.trust_spec_code,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size, stitch=config.stitch,
     )
     gpu = device == "cuda" if config.gpu_resource is None else config.gpu_resource
     cluster = ClusterSpec(config.scheduler, config.workers, config.threads_per_worker, gpu=gpu,
@@ -437,6 +482,8 @@ def _manifest(config: RunConfig, model: AnalysedModel, device: str, started: flo
         "model": {
             "spec": str(model.spec.path), "name": model.spec.name, "sha256": model.sha256,
             "receptive_field": asdict(model.field),
+            "method": model.method, "halo": asdict(model.halo),
+            "window": list(model.window) if model.window else None,
         },
         "versions": _versions(),
         "scenes": [asdict(r) for r in results] + others,

@@ -186,6 +186,19 @@ def _check_unchanged(target: SceneTarget) -> None:
             "modification time or inode changed); run again to label the file as it is now")
 
 
+def read_input(spec: ModelSpec, scene: str, window: Box, *,
+               allow_vrt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The network's input for a scene window and its validity: ``(C, h, w)`` float32
+    normalised and filled (:func:`pipeline.modelspec.model_input`), ``(h, w)`` bool.
+
+    Raises:
+        SceneError: the window cannot be read, or the spec's nodata does not fit the scene.
+    """
+    data, scene_valid = read_window(scene, window, spec.bands, allow_vrt=allow_vrt)
+    valid = _valid(spec, data, scene_valid, scene)
+    return model_input(data, valid, spec), valid
+
+
 def _read(spec: ModelSpec, target: SceneTarget,
           window: Box) -> tuple[np.ndarray, np.ndarray, float]:
     """A raw window, the validity of the whole window, and the seconds it took.

@@ -19,7 +19,9 @@ import torch
 from pipeline.analysis import receptive_field
 from pipeline.cluster import default_workers
 from pipeline.config import RunConfig
-from pipeline.errors import ModelError, SceneLimitError
+from pipeline.errors import ModelAnalysisError, ModelError, SceneLimitError
+from pipeline.exactness import ANALYSED, DECLARED, Exactness, exact
+from pipeline.grid import TileGrid, fixed_tile_size
 from pipeline.inference import (
     activation_bytes,
     input_channels,
@@ -31,6 +33,7 @@ from pipeline.journal import earlier_tile_sizes, fingerprint, load_window_speeds
 from pipeline.limits import cpu_budget, window_bytes, window_problem
 from pipeline.model import build_model
 from pipeline.modelspec import ModelSpec
+from pipeline.networks import Network, TorchNetwork
 from pipeline.plan import (
     TILE_CANDIDATES,
     MemoryEstimate,
@@ -39,45 +42,136 @@ from pipeline.plan import (
     candidate_sizes,
     choose_tile_size,
 )
-from pipeline.receptive import ReceptiveField, align_up
+from pipeline.receptive import Halo, ReceptiveField, align_up
 from pipeline.scene import SceneInfo
 
 
 @dataclass(frozen=True)
 class AnalysedModel:
-    """A spec's network, built and analysed: what planning a run needs of the model."""
+    """A spec's network, built and analysed: what planning a run needs of the model.
+
+    ``field``: the receptive field (derived), or a pixel-wise field at the output's
+    stride when the halo is declared; ``method``: how the field is known
+    (:data:`pipeline.exactness.ANALYSED`, ``PROBED`` or ``DECLARED``); ``declared``:
+    the halo the tiles use when it is not the field's own (declared for a model with
+    global context, or a larger one asked of an exact model); ``module``: the torch
+    module of a torch network, else None.
+    """
 
     spec: ModelSpec
     sha256: str
     field: ReceptiveField
-    module: torch.nn.Module
+    network: Network
+    method: str = ANALYSED
+    declared: Halo | None = None
+    module: torch.nn.Module | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Tiles equal one prediction over the whole scene."""
+        return self.method != DECLARED
+
+    @property
+    def halo(self) -> Halo:
+        """The halo around every tile."""
+        return self.declared if self.declared is not None else self.field.halo()
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """The one input ``(rows, cols)`` the network takes, or None."""
+        return self.network.signature.window
+
+    def grid(self, shape: tuple[int, int], tile: int) -> TileGrid:
+        """The tiles of a scene of ``shape`` (output at the scene's resolution)."""
+        return TileGrid.build(shape, shape, self.field, tile, self.declared, window=self.window)
+
+    def exactness(self) -> Exactness:
+        """The record of an exact tiling; a declared halo's is measured per scene."""
+        return exact(self.method, self.halo)
 
 
-def analyse_model(spec: ModelSpec, sha256: str, *, trust_code: bool = False) -> AnalysedModel:
+def _declared_halo(spec: ModelSpec, halo: tuple[int, int] | None) -> Halo | None:
+    """The halo declared by ``--halo`` (``tiling.halo``), else by the spec, else None."""
+    pair = halo if halo is not None else getattr(spec, "halo", None)
+    return None if pair is None else Halo.of((int(pair[0]), int(pair[1])))
+
+
+def analyse_model(spec: ModelSpec, sha256: str, *, trust_code: bool = False,
+                  halo: tuple[int, int] | None = None) -> AnalysedModel:
     """Build ``spec``'s network (weights ``sha256``) and derive its receptive field.
 
     ``trust_code``: the run trusts the spec's code (see :func:`pipeline.model.build_model`).
+    ``halo``: a declared halo ``(rows, cols)`` px (``--halo``), over the spec's ``halo``.
+    A model whose field is derived is tiled exactly (a declared halo larger than the
+    derived one is used, a smaller one is not); a model the analysis refuses runs only
+    with a declared halo, its deviation measured per scene (:mod:`pipeline.exactness`).
 
     Raises:
         ModelError: the network's first convolution takes another number of channels
             than the spec lists bands, or it cannot be built.
-        ModelAnalysisError: its receptive field cannot be derived.
+        ModelAnalysisError: its receptive field cannot be derived and no halo is
+            declared; the line gives the analysis's reason and how to declare one.
     """
+    declared = _declared_halo(spec, halo)
     module = build_model(spec, trust_code=trust_code)
     channels = input_channels(module, len(spec.bands))
     if channels is not None and channels != len(spec.bands):
         raise ModelError(
             f"{spec.source}: the model takes {channels} input channels but bands lists "
             f"{len(spec.bands)} ({list(spec.bands)}); list {channels} scene bands in bands")
-    return AnalysedModel(spec, sha256, receptive_field(module), module)
+    network = TorchNetwork(module, channels=channels)
+    try:
+        field = receptive_field(module)
+    except ModelAnalysisError as exc:
+        if declared is None:
+            raise _needs_halo(spec, exc) from exc
+        field = _pointwise(output_shape(module, (len(spec.bands), 256, 256)), (256, 256))
+        return AnalysedModel(spec, sha256, field, network, DECLARED, declared, module)
+    return AnalysedModel(spec, sha256, field, network, ANALYSED,
+                         _larger(declared, field), module)
+
+
+def _needs_halo(spec: ModelSpec, exc: ModelAnalysisError) -> ModelAnalysisError:
+    return ModelAnalysisError(
+        f"{spec.source}: {exc}; no halo makes this model's tiles exact: declare one (--halo PX "
+        "or halo: in the spec) to run it with its deviation from one-window prediction "
+        "measured and reported")
+
+
+def _pointwise(out: tuple[int, ...], shape: tuple[int, int]) -> ReceptiveField:
+    """A pixel-wise field at the stride an output of ``out`` for ``shape`` implies.
+
+    Raises:
+        ModelError: the output is not the input divided by an integer stride.
+    """
+    if len(out) != 3 or any(n % m for n, m in zip(shape, out[1:])):
+        raise ModelError(f"the model gives an output of {tuple(out)} for a {shape} input; "
+                         "expected (classes, H, W) at an integer stride")
+    stride = (shape[0] // out[1], shape[1] // out[2])
+    return ReceptiveField(size=stride, stride=stride, offset=(0, 0), align=stride)
+
+
+def _larger(declared: Halo | None, field: ReceptiveField) -> Halo | None:
+    """A declared halo an exact model uses: only where it exceeds the derived one."""
+    if declared is None:
+        return None
+    derived = field.halo()
+    if all(d >= f for d, f in zip((*declared.before, *declared.after),
+                                  (*derived.before, *derived.after))):
+        return declared if declared != derived else None
+    return None
 
 
 def check_output_shape(info: SceneInfo, model: AnalysedModel) -> None:
     """Raise :class:`ModelError` unless the model's output has the scene's size."""
-    shape = output_shape(model.module, (len(model.spec.bands), *info.shape))
-    if tuple(shape[1:]) != info.shape:
+    if model.module is not None:
+        shape = output_shape(model.module, (len(model.spec.bands), *info.shape))
+        rows, cols = shape[1], shape[2]
+    else:
+        rows, cols = (n // s for n, s in zip(info.shape, model.field.stride))
+    if (rows, cols) != info.shape:
         raise ModelError(
-            f"{model.spec.source}: the model gives a {shape[2]}x{shape[1]} (width x height) "
+            f"{model.spec.source}: the model gives a {cols}x{rows} (width x height) "
             f"output for the {info.shape[1]}x{info.shape[0]} scene {Path(info.path).name}; label "
             "maps need an output at the scene's resolution (upsample in the model)"
         )
@@ -94,9 +188,16 @@ def task_memory(model: AnalysedModel, scenes: Sequence[SceneInfo], window: tuple
     return MemoryEstimate(
         window_input=max((window_bytes(info, channels, classes, window, batch_size)
                           for info in scenes), default=0),
-        activations=activation_bytes(model.module, (channels, rows, cols), batch_size),
-        weights=weight_bytes(model.module),
+        activations=_activations(model, (channels, rows, cols), batch_size),
+        weights=weight_bytes(model.module) if model.module is not None else 0,
     )
+
+
+def _activations(model: AnalysedModel, shape: tuple[int, int, int], batch_size: int) -> int:
+    """Peak activation bytes of one forward pass over ``batch_size`` windows of ``shape``."""
+    if model.module is not None:
+        return activation_bytes(model.module, shape, batch_size)
+    return 0
 
 
 def default_budget(config: RunConfig, device: str) -> int:
@@ -182,11 +283,16 @@ def choose_tiles(infos: list[SceneInfo], config: RunConfig, model: AnalysedModel
     within the memory budget: reruns and resumes plan the same tiles, whatever a new
     measurement would say); else the best estimate (window speeds from ``out_dir``'s
     journal, or measured now on a CPU and returned to be kept)."""
+    if model.window is not None:
+        rows, cols = model.window
+        fixed = fixed_tile_size(model.window, model.field, model.declared)
+        return Tiling(TileChoice(fixed[0], f"fixed: the network takes only {cols}x{rows} px "
+                                          f"windows, less the halo"))
     if config.tile_size is not None:
         return Tiling(TileChoice(config.tile_size, "as given"))
     workers = config.workers or default_workers(config.threads_per_worker, device == "cuda")
     field = model.field
-    halo = field.halo()
+    halo = model.halo
     budget = default_budget(config, device)
 
     def window(tile: int) -> tuple[int, int]:
@@ -218,7 +324,7 @@ def choose_tiles(infos: list[SceneInfo], config: RunConfig, model: AnalysedModel
         largest = max(max(s) for s in shapes)
         windows = [window(t) for t in TILE_CANDIDATES
                    if t <= align_up(largest, max(field.align)) and memory_of(t) <= budget]
-        speeds = measured = window_speeds(model.module, len(model.spec.bands),
+        speeds = measured = window_speeds(model.network, len(model.spec.bands),
                                           windows or [window(TILE_CANDIDATES[0])],
                                           config.threads_per_worker)
     lookup = _speed_lookup(speeds)

@@ -65,14 +65,16 @@ def test_window_speeds_are_measured_smallest_first_within_the_time_limit() -> No
     from torch import nn
 
     from pipeline.inference import window_speeds
+    from pipeline.networks import TorchNetwork
 
     model = nn.Conv2d(3, 2, 3, padding=1).eval()
     before = torch.get_num_threads()
-    speeds = window_speeds(model, 3, [(64, 64), (32, 48), (64, 64)], threads=before + 1)
+    speeds = window_speeds(TorchNetwork(model), 3, [(64, 64), (32, 48), (64, 64)],
+                           threads=before + 1)
     assert torch.get_num_threads() == before  # restored
     assert list(speeds) == [(32, 48), (64, 64)]
     assert all(v > 0 for v in speeds.values())
-    slow = window_speeds(model, 3, [(16, 16), (512, 512), (1024, 1024)], threads=1,
+    slow = window_speeds(TorchNetwork(model), 3, [(16, 16), (512, 512), (1024, 1024)], threads=1,
                          time_limit=0.0)
     assert list(slow) == [(16, 16)]  # over the limit after the first shape: no more
 
