@@ -13,9 +13,10 @@ tile's core:
 - ``crop`` (the default): the tile's own window's output, cropped to the core. With
   the halo derived from the receptive field this equals the whole-scene output.
 - ``blend``: every window of the grid that overlaps the core contributes, weighted by
-  a ramp that is 1 on its own core and falls linearly across its halo to
-  ``1 / (halo + 1)`` at an inner window edge (no ramp at a scene edge), so a model
-  with global context shows no hard seam. Each window is computed once per call.
+  a ramp that is 1 on its own core and falls linearly across its halo to 0 at an
+  inner window edge (no ramp at a scene edge), so a model with global context shows
+  no hard seam, and a window's outermost pixels, which see the least context, count
+  least. Each window is computed once per call.
 
 A window smaller than the network's fixed input (:attr:`NetworkSignature.window`, at a
 scene edge) is padded after its last row and column with ``fill`` (what the network sees
@@ -93,11 +94,13 @@ def class_labels(scores: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torc
 
 def ramp(window: Box, halo_before: tuple[int, int], halo_after: tuple[int, int],
          scene_shape: tuple[int, int]) -> np.ndarray:
-    """The blend weight of a window's output pixels, ``(h, w)`` float32 in ``(0, 1]``.
+    """The blend weight of a window's output pixels, ``(h, w)`` float32 in ``[0, 1]``.
 
-    Per axis, ``min(1, (d + 1) / (halo + 1))`` where ``d`` is the distance in px to the
-    window's edge on that side and ``halo`` the halo there; an edge on the scene's
-    border has no ramp (nothing beyond it to blend with). The product of both axes.
+    Per axis, ``min(1, d / halo)`` where ``d`` is the distance in px from the pixel to
+    the window's edge on that side (0 for the outermost pixel) and ``halo`` the halo
+    there; an edge on the scene's border has no ramp (nothing beyond it to blend with).
+    The product of both axes. A tile's own window weighs 1 on its core, which lies a
+    halo inside it, so every core pixel has a positive total weight.
     """
     axes = []
     for k, span in enumerate((window.rows, window.cols)):
@@ -106,9 +109,9 @@ def ramp(window: Box, halo_before: tuple[int, int], halo_after: tuple[int, int],
         position = np.arange(n, dtype=np.float32)
         before, after = halo_before[k], halo_after[k]
         if span.start > 0 and before > 0:
-            weight = np.minimum(weight, (position + 1) / (before + 1))
+            weight = np.minimum(weight, position / before)
         if span.stop < scene_shape[k] and after > 0:
-            weight = np.minimum(weight, (n - position) / (after + 1))
+            weight = np.minimum(weight, (n - 1 - position) / after)
         axes.append(weight)
     return axes[0][:, None] * axes[1][None, :]
 
