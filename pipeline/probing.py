@@ -9,7 +9,7 @@ with ONNX Runtime (CPU execution provider) instead, in five steps:
    weights made 1, their biases 0, BatchNormalization the identity, float
    constants added to data 0 and multiplied 1, ``Sub``/``Mul``/``Div`` of two
    data tensors made ``Add``, ``Neg`` the identity, ``Clip`` unbounded above,
-   and a label output (``ArgMax`` over channels) replaced by its scores. Every
+   and a label output (``ArgMax`` over channels) read as its scores. Every
    operation is then non-decreasing in its inputs and no sum can cancel, so a
    positive impulse on a zero image changes exactly the outputs that
    structurally depend on that pixel (from 0 to a positive value, or to
@@ -45,7 +45,9 @@ window run alone and cropped, equals the whole-scene output within
 ``1e-4 * max(1, max |output|)`` (labels: exactly). A model with a fixed input
 window (static height and width) is probed inside that window, and its
 cross-check compares windows at aligned offsets of a larger image on the cells
-whose field both contain.
+whose field both contain. A label output is probed and cross-checked through
+the scores its ``ArgMax`` takes: labels follow them pixel by pixel, and
+comparing labels alone would hide shifts that change no label.
 
 Cost, for a model with stride ``s``, alignment ``a`` (both at most 64) and a
 field reaching ``E`` pixels from a cell: 2 forward passes for the stride; 2 per
@@ -188,9 +190,11 @@ def probe_onnx(model: bytes, *, input_name: str | None = None,
     y_name = output_name or graph.graph.output[0].name
     if y_name not in {o.name for o in graph.graph.output}:
         raise ModelAnalysisError(f"the ONNX model has no output {y_name!r}")
-    real = _Runner(_session(model), x_name, y_name, channels)
-    copy_graph, copy_output = _probe_copy(graph, x_name, y_name)
-    copy = _Runner(_session(copy_graph.SerializeToString()), x_name, copy_output, channels)
+    scores = _scores_of_labels(graph, y_name)
+    real_bytes = model if scores == y_name else _with_output(graph, scores).SerializeToString()
+    real = _Runner(_session(real_bytes), x_name, scores, channels)
+    copy = _Runner(_session(_with_output(_probe_copy(graph, x_name), scores).SerializeToString()),
+                   x_name, scores, channels)
     stride = _stride(real, window)
     extent = _extent(copy, stride, window, _global_hints(graph, x_name))
     align = _align(real, stride, extent, window)
@@ -271,10 +275,10 @@ def _data_flow(graph: Any, source: str) -> set[str]:
     return data
 
 
-def _probe_copy(graph: Any, x_name: str, y_name: str) -> tuple[Any, str]:
-    """The probe copy described in the module docstring, and the output to read."""
+def _probe_copy(graph: Any, x_name: str) -> Any:
+    """The probe copy described in the module docstring."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     copy = onnx.ModelProto()
     copy.CopyFrom(graph)
@@ -328,11 +332,20 @@ def _probe_copy(graph: Any, x_name: str, y_name: str) -> tuple[Any, str]:
         new.CopyFrom(old)
     del copy.graph.node[:]
     copy.graph.node.extend(kept)
-    output = _scores_of_labels(copy, y_name)
-    if output != y_name:
-        copy.graph.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT,
-                                                               None))
-    return copy, output
+    return copy
+
+
+def _with_output(graph: Any, name: str) -> Any:
+    """``graph``, or a copy of it that also outputs the float tensor ``name``."""
+    import onnx
+    from onnx import helper
+
+    if name in {o.name for o in graph.graph.output}:
+        return graph
+    copy = onnx.ModelProto()
+    copy.CopyFrom(graph)
+    copy.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return copy
 
 
 def _mean_plus(node: Any) -> list[Any]:
