@@ -115,8 +115,8 @@ def inspect(models: tuple[str, ...], tile_sizes: str, as_json: bool,
             trust_spec_code: bool) -> None:
     """Receptive field, stride, halo and overhead of built-in architectures or model specs.
 
-    MODELS are built-in names (all of them when none is given), model spec files,
-    or demo.
+    MODELS are built-in names (all of them when none is given), model spec files
+    (YAML, or STAC Items with the MLM extension), or demo.
     """
     from pipeline.config import MAX_TILE
     from pipeline.inspection import inspect_rows, render_table, rows_as_json
@@ -180,7 +180,8 @@ def _progress_printer(stream: IO[str] = sys.stderr) -> Callable[[Any], None]:
 @main.command()
 @click.argument("scenes", nargs=-1)
 @click.option("--out", "output", help="Output folder (created when a scene runs).")
-@click.option("--model", help="Model spec file, or demo (the default).")
+@click.option("--model", help="Model spec file (YAML, or a STAC Item with the MLM "
+              "extension), or demo (the default).")
 @click.option("--trust-spec-code", is_flag=True, default=None, help=TRUST_HELP)
 @click.option("--workflow", type=click.Path(dir_okay=False),
               help="Workflow file (settings: file < FCN_PIPELINE_* environment < options).")

@@ -13,6 +13,7 @@ the output classes are::
     weights: demo.safetensors        # relative to this file, or absolute
     sha256: "<64 hex digits>"        # optional
     bands: [1, 2, 3]                 # 1-based scene bands, repeats allowed
+    band_names: [red, green, blue]   # optional: checked against the scene's band descriptions
     dtypes: [uint8, uint16]          # optional: scene dtypes accepted
     normalization: {scale: 0.0039, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
     nodata: {input: scene, output: 255, fill: mean}
@@ -29,10 +30,14 @@ This module is pure (numpy and YAML, no torch): a Dask client validates a spec
 and checksums its weights without loading a network; :mod:`pipeline.model`
 builds the network. Every problem is one :class:`ModelSpecError` whose message
 names the spec file and the field path (``classes[1].color``).
+
+A STAC Item with the Machine Learning Model extension is read as a spec too
+(:mod:`pipeline.stac_model` maps it); its errors name the item's fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -51,7 +56,8 @@ import numpy.typing as npt
 
 from pipeline.errors import ModelSpecError
 from pipeline.labels import DEFAULT_NODATA, LabelClass, label_dtype
-from pipeline.yaml_input import read_yaml
+from pipeline.stac_model import item_spec, read_item
+from pipeline.yaml_input import parse_yaml, read_text
 
 if TYPE_CHECKING:
     if sys.version_info >= (3, 11):
@@ -70,11 +76,13 @@ NODATA_INPUT_WORDS = ("scene", "none")
 FILL_MEAN = "mean"
 
 _REQUIRED = ("schema", "name", "architecture", "weights", "bands", "normalization", "classes")
-_OPTIONAL = ("arguments", "sha256", "dtypes", "nodata")
+_OPTIONAL = ("arguments", "sha256", "dtypes", "nodata", "band_names")
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _BUILTIN_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
+#: The last part of a field path: ``.key`` or ``[index]``.
+_LAST_PART = re.compile(r"(\.[^.\[]*|\[\d+\])$")
 
 
 class Arguments(Mapping[str, Any]):
@@ -171,6 +179,12 @@ class ModelSpec:
     classes: tuple[LabelClass, ...]
     #: ``"mean"`` or one raw value per band: what invalid pixels are replaced by.
     nodata_fill: str | tuple[float, ...] = FILL_MEAN
+    #: The name of each band in ``bands`` (model channel order), checked against a scene's
+    #: band descriptions; ``None`` when the spec names none.
+    band_names: tuple[str, ...] | None = None
+    #: Spec field -> the field of the file it came from (a STAC Item's), for messages.
+    field_names: tuple[tuple[str, str], ...] = dataclasses.field(
+        default=(), compare=False, repr=False)
 
     @property
     def source(self) -> str:
@@ -184,29 +198,52 @@ class ModelSpec:
 
     def error(self, field: str, problem: str) -> ModelSpecError:
         """A :class:`ModelSpecError` naming this spec's file and ``field``."""
-        return ModelSpecError(f"{self.source}: {field} {problem}")
+        return ModelSpecError(f"{self.source}: {_field_name(self.field_names, field)} {problem}")
 
 
 def _source(path: Path | None) -> str:
     return str(path) if path is not None else "model spec"
 
 
+def _field_name(names: Sequence[tuple[str, str]], field: str) -> str:
+    """``field`` as the file names it: the field it came from, or that of its nearest
+    parent (``classes[2].name`` -> ``...classification:classes[0].name``)."""
+    known = dict(names)
+    head = field
+    while head not in known:
+        parent = _LAST_PART.sub("", head)
+        if parent == head:
+            return field
+        head = parent
+    return known[head] + field[len(head):]
+
+
 # --------------------------------------------------------------------------- loading
 
 
 def load_spec(source: str | PathLike[str]) -> ModelSpec:
-    """Read and validate a spec: ``"demo"`` (the bundled demo model) or a YAML file path.
+    """Read and validate a spec: ``"demo"`` (the bundled demo model), a YAML file path,
+    or the path of a STAC Item (JSON) with the Machine Learning Model extension.
 
-    The file is read by :func:`pipeline.yaml_input.read_yaml` (at most 1 MiB, nested
-    at most 64 levels, no anchors, aliases, merge keys or repeated keys). Nothing the
-    spec names is imported.
+    The file is read by :func:`pipeline.yaml_input.read_text` (a regular file, at most
+    1 MiB); YAML is then parsed as :func:`pipeline.yaml_input.read_yaml` does (nested at
+    most 64 levels, no anchors, aliases, merge keys or repeated keys), a STAC Item by
+    :func:`pipeline.stac_model.read_item` and mapped by
+    :func:`pipeline.stac_model.item_spec`. Nothing the spec names is imported.
 
     Raises:
         ModelSpecError: one line naming the file (and the line or the field): it cannot
-            be read, is not such YAML, or a field is missing, unknown or invalid.
+            be read, is not such YAML or such an Item, or a field is missing, unknown or
+            invalid.
     """
     path = _demo_path() if source == DEMO else Path(source).expanduser().absolute()
-    data = read_yaml(path, what="model spec", error=ModelSpecError).data
+    what = "model spec"
+    text = read_text(path, what=what, error=ModelSpecError)
+    item = read_item(text, source=str(path), json_only=path.suffix.lower() == ".json")
+    if item is not None:
+        mapped = item_spec(item, source=str(path))
+        return parse_spec(mapped.data, path=path, field_names=mapped.fields)
+    data = parse_yaml(text, source=str(path), what=what, error=ModelSpecError).data
     return parse_spec(data, path=path)
 
 
@@ -235,11 +272,12 @@ def _demo_path() -> Path:
 class _Fields:
     """Error factory for one spec: every message names the file and the field path."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, names: Sequence[tuple[str, str]] = ()) -> None:
         self.source = _source(path)
+        self.names = names
 
     def error(self, field: str, problem: str) -> ModelSpecError:
-        return ModelSpecError(f"{self.source}: {field} {problem}")
+        return ModelSpecError(f"{self.source}: {_field_name(self.names, field)} {problem}")
 
     def mapping(
         self, value: Any, field: str, required: Sequence[str], optional: Sequence[str] = ()
@@ -305,12 +343,16 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_spec(data: Mapping[str, Any], *, path: Path | None) -> ModelSpec:
+def parse_spec(data: Mapping[str, Any], *, path: Path | None,
+               field_names: Mapping[str, str] | None = None) -> ModelSpec:
     """Validate a spec already parsed from YAML; ``path`` is the file it came from.
 
     A relative ``weights`` path is taken relative to the folder of ``path``.
+    ``field_names`` maps spec fields to the fields of the file they came from (a STAC
+    Item's), which messages name instead.
     """
-    f = _Fields(path)
+    names = tuple(sorted((field_names or {}).items()))
+    f = _Fields(path, names)
     if not isinstance(data, Mapping):
         raise f.error("top level", f"must be a mapping of spec fields, got {_show(data)}")
     if "schema" not in data:
@@ -340,6 +382,8 @@ def parse_spec(data: Mapping[str, Any], *, path: Path | None) -> ModelSpec:
         nodata_output=output_nodata,
         classes=classes,
         nodata_fill=fill,
+        band_names=_band_names(f, data.get("band_names"), len(bands)),
+        field_names=names,
     )
     with np.errstate(over="ignore", invalid="ignore"):
         finite = bool(np.isfinite(fill_values(spec)).all())
@@ -401,6 +445,15 @@ def _sha256(f: _Fields, value: Any) -> str | None:
 def _bands(f: _Fields, value: Any) -> tuple[int, ...]:
     items = f.sequence(value, "bands", what="1-based band numbers")
     return tuple(f.integer(b, f"bands[{i}]", 1) for i, b in enumerate(items))
+
+
+def _band_names(f: _Fields, value: Any, n_bands: int) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = f.sequence(value, "band_names", what=f"{n_bands} band names, one per band")
+    if len(items) != n_bands:
+        raise f.error("band_names", f"must have {n_bands} names (one per band), got {len(items)}")
+    return tuple(f.string(name, f"band_names[{i}]").strip() for i, name in enumerate(items))
 
 
 def _dtypes(f: _Fields, value: Any) -> tuple[str, ...] | None:

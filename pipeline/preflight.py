@@ -67,7 +67,7 @@ from pipeline.modelspec import ModelSpec, load_spec, verify_weights
 from pipeline.patterns import expand_scenes
 from pipeline.plan import TILE_CANDIDATES, Outputs, name_outputs
 from pipeline.readers import check_bands, open_scene
-from pipeline.scene import SceneInfo, nodata_problem
+from pipeline.scene import SceneInfo, band_names_problem, nodata_problem
 from pipeline.signals import check_signals
 from pipeline.tls import check_tls, tls_files
 
@@ -270,6 +270,10 @@ def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool
     try:
         info = open_scene(path, allow_no_crs=allow_no_crs, allow_vrt=allow_vrt, limits=limits)
         check_bands(info, spec.bands, spec.dtypes)
+        if spec.band_names is not None:
+            problem = band_names_problem(info, spec.bands, spec.band_names, spec.source)
+            if problem:
+                raise SceneError(problem)
         if not isinstance(spec.nodata_input, str):
             problem = nodata_problem(float(spec.nodata_input), info.dtype)
             if problem:

@@ -190,7 +190,14 @@ def open_scene(path: str | Path, *, allow_no_crs: bool = False,
             driver=scene.driver,
             sources=scene.sources,
             interleave=ds.interleaving.name if ds.interleaving else None,
+            descriptions=_descriptions(ds),
         )
+
+
+def _descriptions(ds: DatasetReader) -> tuple[str | None, ...]:
+    """Each band's description, ``None`` where it has none; empty when no band has one."""
+    found = tuple(d.strip() or None if isinstance(d, str) else None for d in ds.descriptions)
+    return found if any(found) else ()
 
 
 def _affine6(ds: DatasetReader) -> Affine6:

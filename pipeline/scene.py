@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -27,7 +29,9 @@ class SceneInfo:
     where the run allows VRTs); ``sources`` the other files a VRT reads.
     ``interleave`` is how the file stores its bands: ``"pixel"`` (every band of a pixel
     together, so a block holds all bands), ``"band"``, ``"line"``, or ``None`` when it
-    does not say (one band).
+    does not say (one band). ``descriptions`` holds each band's description (GDAL's, such
+    as ``"red"`` or ``"B04"``; ``None`` for a band without one), band 1 first; empty when
+    no band has one.
     """
 
     path: str
@@ -44,6 +48,7 @@ class SceneInfo:
     driver: str = "GTiff"
     sources: tuple[str, ...] = ()
     interleave: str | None = None
+    descriptions: tuple[str | None, ...] = ()
 
     @property
     def pixels(self) -> int:
@@ -53,6 +58,31 @@ class SceneInfo:
     def palette_bands(self) -> tuple[int, ...]:
         """1-based numbers of the bands that hold palette indices, not intensities."""
         return tuple(i + 1 for i, name in enumerate(self.colorinterp) if name == "palette")
+
+
+def band_names_problem(info: SceneInfo, bands: Sequence[int], names: Sequence[str],
+                       source: str) -> str | None:
+    """Why the scene's band descriptions contradict the band names a model spec gives, or
+    ``None``: they do when every band read has a description and one differs from the
+    spec's name for it (case aside). A scene without descriptions is not checked.
+
+    Args:
+        info: The scene.
+        bands: The 1-based scene bands the model reads, in model channel order.
+        names: The spec's name of each of ``bands`` (``band_names``).
+        source: The spec file, for the message.
+
+    Returns:
+        One line naming the scene, both lists and the fix.
+    """
+    found = [info.descriptions[b - 1] if b <= len(info.descriptions) else None for b in bands]
+    if any(not d for d in found):
+        return None
+    if [str(d).strip().casefold() for d in found] == [n.casefold() for n in names]:
+        return None
+    return (f"{Path(info.path).name}: its bands {list(bands)} are described as {found}, but "
+            f"the model reads {list(names)} (band names of {source}); give a scene with those "
+            "bands in that order (gdal_translate -b selects and orders bands)")
 
 
 def nodata_problem(value: float, dtype: str) -> str | None:

@@ -1,7 +1,9 @@
 """YAML from users: model specs, workflows, cluster specs, ``--argument KEY=YAML``.
 
 Every YAML text the package reads from a user goes through :func:`read_yaml` or
-:func:`parse_yaml`, which keep a hostile file from costing more than reading it:
+:func:`parse_yaml`, which keep a hostile file from costing more than reading it
+(:func:`read_text` is the first step, for any text file of a user's: a STAC Item
+describing a model is JSON):
 
 - only a regular file is read, opened without blocking (a named pipe or a device
   given as a file is refused at once instead of waiting for a writer), and at most
@@ -103,6 +105,20 @@ def read_yaml(path: str | PathLike[str], *, what: str,
             ``max_depth``, uses an anchor, alias or merge key, a number longer than
             :data:`MAX_NUMBER_CHARS` or a base-60 number, or repeats a key in one mapping.
     """
+    text = read_text(path, what=what, error=error, max_bytes=max_bytes)
+    return parse_yaml(text, source=str(path), what=what, error=error, max_bytes=max_bytes,
+                      max_depth=max_depth)
+
+
+def read_text(path: str | PathLike[str], *, what: str,
+              error: type[PipelineError] = ConfigError, max_bytes: int = MAX_BYTES) -> str:
+    """The UTF-8 text of a user's file, read as the module docstring says: a regular file
+    only (a named pipe or a device is refused without waiting), at most ``max_bytes``.
+
+    Raises:
+        error: one line naming the file: it cannot be read, is not a regular file, is
+            larger than ``max_bytes`` or is not UTF-8.
+    """
     path = Path(path)
     try:
         # O_NONBLOCK: opening a named pipe for reading would wait for a writer
@@ -117,12 +133,10 @@ def read_yaml(path: str | PathLike[str], *, what: str,
     if len(raw) > max_bytes:
         raise error(_too_big(str(path), what, max_bytes))
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: cannot read the {what} (it is not UTF-8 text: {exc.reason} at "
                     f"byte {exc.start})") from exc
-    return parse_yaml(text, source=str(path), what=what, error=error, max_bytes=max_bytes,
-                      max_depth=max_depth)
 
 
 def parse_yaml(text: str, *, source: str, what: str, error: type[PipelineError] = ConfigError,
@@ -169,7 +183,7 @@ def _file_kind(mode: int) -> str:
 
 def _too_big(source: str, what: str, max_bytes: int) -> str:
     return (f"{source}: the {what} is larger than {max_bytes // 1024} KiB, the most read from "
-            f"a YAML file; a {what} is a few kB (is it the right file?)")
+            f"a user's file; a {what} is a few kB (is it the right file?)")
 
 
 def _too_deep(what: str, max_depth: int) -> str:
