@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.errors import GeometryError
 from pipeline.receptive import Halo, ReceptiveField, align_down, align_up
@@ -243,6 +243,26 @@ class TileGrid:
             cols=axes[1],
             window=window,
         )
+
+    def congruent(self) -> TileGrid:
+        """This grid with inner window ends moved out so that every window's length is
+        congruent to the scene's modulo ``align``: what a network whose padding depends
+        on the input length (TensorFlow/Keras "same" padding) needs to reproduce the
+        whole scene's output (:mod:`pipeline.probing`).
+
+        A window ``[w0, w1)`` ending short of the scene end ``n`` gets ``w1 = n -
+        align_down(n - w1, align)``: the smallest end at or after ``w1`` with ``w1 -
+        w0`` congruent to ``n`` modulo ``align`` (``w0`` is on the align grid). Cores
+        and crops are unchanged; windows only grow.
+        """
+        def axis(parts: Sequence[AxisPart], n: int, align: int) -> tuple[AxisPart, ...]:
+            return tuple(
+                p if p.window.stop >= n else replace(
+                    p, window=Span(p.window.start, n - align_down(n - p.window.stop, align)))
+                for p in parts
+            )
+        return replace(self, rows=axis(self.rows, self.scene_shape[0], self.align[0]),
+                       cols=axis(self.cols, self.scene_shape[1], self.align[1]))
 
     @property
     def grid_shape(self) -> Pair:

@@ -29,7 +29,7 @@ with ONNX Runtime (CPU execution provider) instead, in five steps:
    depends on the input length (TensorFlow/Keras ``"same"`` padding: a stride-2
    layer pads one pixel more before an odd length than an even one). Windows
    of such a model reproduce the whole scene's output only when their length is
-   congruent to the scene's modulo ``align``: :func:`congruent_windows` moves
+   congruent to the scene's modulo ``align``: :meth:`TileGrid.congruent` moves
    the inner window ends of a :class:`TileGrid` onto that grid
    (``size_dependent_padding``).
 5. **Per-phase reach** on the probe copy: one impulse at each position of one
@@ -40,7 +40,7 @@ with ONNX Runtime (CPU execution provider) instead, in five steps:
 
 Then the guarantee, a **cross-check** on the real model: a random scene of an
 odd and of an even length per axis, cut into tiles of two sizes exactly as
-:meth:`TileGrid.build` does (and :func:`congruent_windows` where needed), each
+:meth:`TileGrid.build` does (and :meth:`TileGrid.congruent` where needed), each
 window run alone and cropped, equals the whole-scene output within
 ``1e-4 * max(1, max |output|)`` (labels: exactly). A model with a fixed input
 window (static height and width) is probed inside that window, and its
@@ -63,14 +63,14 @@ The zoo's small networks take 0.1 to 0.4 s on one CPU core.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import ModelAnalysisError
-from pipeline.grid import AxisPart, Span, TileGrid
+from pipeline.grid import TileGrid
 from pipeline.receptive import ReceptiveField, align_down, align_up
 
 Pair = tuple[int, int]
@@ -102,7 +102,7 @@ class ProbedField:
     ``field`` is the receptive field in input pixels. ``size_dependent_padding``
     says that the graph pads according to the input length (TensorFlow "same"
     padding): every window's length must be congruent to the scene's modulo
-    ``field.align`` (see :func:`congruent_windows`). ``window`` is the fixed
+    ``field.align`` (see :meth:`pipeline.grid.TileGrid.congruent`). ``window`` is the fixed
     input ``(rows, cols)`` of a graph with static spatial dims, else None.
     ``checked`` says in one line what the cross-check compared.
     """
@@ -111,24 +111,6 @@ class ProbedField:
     size_dependent_padding: bool
     window: Pair | None
     checked: str
-
-
-def congruent_windows(grid: TileGrid) -> TileGrid:
-    """``grid`` with inner window ends moved out to the scene length's residue.
-
-    A window ``[w0, w1)`` with ``w1`` short of the scene end ``n`` gets ``w1 =
-    n - align_down(n - w1, align)``: the smallest end at or after ``w1`` with
-    ``w1 - w0`` congruent to ``n`` modulo ``align`` (``w0`` is on the align
-    grid). Cores and crops are unchanged; windows only grow.
-    """
-    def axis(parts: Sequence[AxisPart], n: int, align: int) -> tuple[AxisPart, ...]:
-        return tuple(
-            p if p.window.stop >= n else replace(
-                p, window=Span(p.window.start, n - align_down(n - p.window.stop, align)))
-            for p in parts
-        )
-    return replace(grid, rows=axis(grid.rows, grid.scene_shape[0], grid.align[0]),
-                   cols=axis(grid.cols, grid.scene_shape[1], grid.align[1]))
 
 
 @dataclass(frozen=True)
@@ -628,7 +610,7 @@ def _check_tiles(real: _Runner, field: ReceptiveField, dependent: bool) -> str:
         for size in tiles:
             grid = TileGrid.build(scene, whole.shape[1:], field, size)
             if dependent:
-                grid = congruent_windows(grid)
+                grid = grid.congruent()
             for cell in grid:
                 rows, cols = cell.window.slices()
                 out = real(np.ascontiguousarray(image[:, :, rows, cols]))[0]

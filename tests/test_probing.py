@@ -18,7 +18,6 @@ from pipeline.probing import (
     _check_window,
     _Runner,
     _session,
-    congruent_windows,
     probe_onnx,
 )
 from pipeline.receptive import ReceptiveField
@@ -140,7 +139,7 @@ def test_keras_same_tiles_equal_whole_with_congruent_windows(
     assert field is not None
     image = np.random.default_rng(seed).random((1, 3, rows, cols), dtype=np.float32)
     whole = runner(image)[0]
-    grid = congruent_windows(TileGrid.build((rows, cols), whole.shape[1:], field, tile))
+    grid = TileGrid.build((rows, cols), whole.shape[1:], field, tile).congruent()
     for part, n in ((grid.rows, rows), (grid.cols, cols)):
         assert all((p.window.size - n) % 2 == 0 and p.window.start % 2 == 0 for p in part)
     np.testing.assert_allclose(_tiled(runner, image, grid), whole, rtol=0, atol=1e-5)
