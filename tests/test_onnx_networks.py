@@ -425,3 +425,19 @@ def test_an_onnx_graph_that_does_not_take_the_specs_bands_is_refused_before_the_
                      "([1, 2, 3]); list 4 scene bands in bands"], lines
     assert not (tmp_path / "out").exists()
     assert took < 10, took
+
+
+def test_the_graph_tensors_a_spec_picks_enter_its_fingerprint(tmp_path: Path) -> None:
+    """Another output tensor of the same graph gives other labels: it changes the spec's
+    fingerprint values; a spec without the new keys keeps the values it had.
+
+    Teeth: spec_values() without the network entry: both ONNX specs give the same values.
+    """
+    from pipeline.actions import spec_values
+
+    def values(**overrides: Any) -> dict[str, Any]:
+        return spec_values(parse_spec(onnx_spec_dict(**overrides), path=tmp_path / "s.yaml"))
+
+    assert values(onnx={"output": "y"}) != values(onnx={"output": "labels"})
+    assert "network" not in values() and values() == spec_values(
+        parse_spec(spec_dict(), path=tmp_path / "s.yaml"))
