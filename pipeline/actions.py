@@ -33,12 +33,19 @@ SKIP, RESUME, PUBLISH, START, REFUSE = "skip", "resume", "publish", "start", "re
 
 def spec_values(spec: ModelSpec) -> dict[str, Any]:
     """What of the spec decides the outputs besides the weights."""
-    return {
+    values = {
         "bands": list(spec.bands), "normalization": asdict(spec.normalization),
         "nodata": [spec.nodata_input, spec.nodata_output],
         "fill": [float(v) for v in fill_values(spec)],
         "classes": [[c.name, list(c.color)] for c in spec.classes],
     }
+    # Which graph tensors run and how the output is read; only when the spec says, so the
+    # fingerprints of specs without these keys stay as they were (the halo enters through
+    # the plan's grid).
+    network = {"input": spec.onnx_input, "output": spec.onnx_output, "layout": spec.output}
+    if any(v is not None for v in network.values()):
+        values["network"] = network
+    return values
 
 
 def fingerprint_values(plan: ScenePlan, scene_sha256: str | None, spec: ModelSpec,

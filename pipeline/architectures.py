@@ -110,9 +110,13 @@ def resolve_architecture(spec: ModelSpec, *, trust_code: bool) -> Architecture:
         ModelSpecError: one line naming the spec file and ``architecture``: a name that
             is neither built in nor registered by an installed package, or that two
             installed packages register; an import path without ``trust_code``; a
-            path or registration into the standard library or the builtins.
+            path or registration into the standard library or the builtins; an ONNX
+            spec (its graph is the network: it names no factory).
     """
     name = spec.architecture
+    if name is None:
+        raise spec.error("architecture", f"is not given: weights {spec.weights.name} is an ONNX "
+                                         "graph, which ONNX Runtime runs with no factory")
     if not spec.is_import_path:
         return _named(spec, name)
     module, _, attribute = name.partition(":")

@@ -65,45 +65,6 @@ def output_shape(model: nn.Module, input_shape: tuple[int, int, int],
     return tuple(y.shape[1:])
 
 
-class _FirstConvolution(Exception):
-    """Raised by a hook to stop a probing forward pass at the model's first convolution."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels)
-        self.channels = channels
-
-
-def input_channels(model: nn.Module, channels: int = 3) -> int | None:
-    """The input channels of the first convolution ``model`` applies to its input, or None
-    when it has none or it cannot be found without running the model on data.
-
-    Found on the meta device (no pixel computed) by a forward pass on a
-    ``(1, channels, 64, 64)`` input stopped at the first convolution called, so a model
-    that cannot take ``channels`` still tells what it takes.
-    """
-    convolutions = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    if not convolutions:
-        return None
-
-    def stop(module: nn.Module, args: tuple[object, ...]) -> None:
-        raise _FirstConvolution(int(module.in_channels))  # type: ignore[arg-type]  # a conv
-
-    handles = [m.register_forward_pre_hook(stop) for m in convolutions]
-    state = {k: v.to("meta") for k, v in model.state_dict(keep_vars=True).items()}
-    x = torch.empty((1, channels, 64, 64), device="meta")
-    try:
-        with torch.no_grad():
-            functional_call(model, state, (x,), strict=False)
-    except _FirstConvolution as found:
-        return found.channels
-    except Exception:  # user models fail in many ways on meta tensors: then unknown
-        return None
-    finally:
-        for handle in handles:
-            handle.remove()
-    return None
-
-
 def model_geometry(model: nn.Module, input_shape: tuple[int, int, int],
                    dtype: torch.dtype = torch.float32, *, require_field: bool = True,
                    ) -> ModelGeometry:

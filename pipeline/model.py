@@ -1,5 +1,9 @@
 """Models from specs: build the network, load its checked weights, keep one per process.
 
+:func:`load_network` gives the :class:`~pipeline.networks.Network` of any spec: a torch
+module (below) or an ONNX graph run by ONNX Runtime (:class:`~pipeline.networks.OnnxNetwork`,
+from the same checked bytes); :func:`cached_network` keeps one per worker process.
+
 The weights file is read once into memory, hashed and checked against the spec's
 ``sha256`` *before* anything is deserialised or any factory imported or called,
 then loaded from those same bytes, so the weights used are exactly the weights
@@ -35,23 +39,35 @@ from torch import nn
 from pipeline.architectures import IMPORT_PATH_KIND, refuse_standard_library, resolve_architecture
 from pipeline.errors import ModelError
 from pipeline.modelspec import (
+    ONNX,
+    SCORES,
     ModelSpec,
     check_digest,
     file_sha256,
     load_spec,
-    missing_weights_error,
+    read_weights,
 )
-from pipeline.networks import Network, TorchNetwork
+from pipeline.networks import (
+    Network,
+    OnnxNetwork,
+    TorchNetwork,
+    check_precision,
+    check_signature,
+    input_channels,
+    spec_source,
+)
 
 _FEW = 5
 
-# The one piece of global mutable state in the package: a per-process model cache,
-# so a Dask worker builds each model once and keeps it for every task it runs.
-# Keyed by (spec path, sha256 of the weights, device, channels_last, compile, trust);
-# guarded by _MODELS_LOCK, which is held while a model loads, so threads of one worker
-# never load twice.
-_MODELS: dict[tuple[str, str, str, bool, bool, bool], tuple[ModelSpec, nn.Module]] = {}
-_MODELS_LOCK = threading.Lock()
+# The one piece of global mutable state in the package: a per-process network cache,
+# so a Dask worker loads each network once and keeps it for every task it runs. Keyed by
+# (spec path, sha256 of the weights, device, threads, precision, channels_last, compile,
+# trust); guarded by _NETWORKS_LOCK, which is held while a network loads, so threads of
+# one worker never load twice.
+_NETWORKS: dict[tuple[str, str, str, int, str, bool, bool, bool], tuple[ModelSpec, Network]] = {}
+_NETWORKS_LOCK = threading.Lock()
+#: ``compute.precision`` -> torch's autocast dtype (fp32: no autocast).
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_model(spec: ModelSpec, *, device: str = "cpu", trust_code: bool = False) -> nn.Module:
@@ -72,63 +88,115 @@ def build_model(spec: ModelSpec, *, device: str = "cpu", trust_code: bool = Fals
         ModelError: the factory fails, the weights are not a plain state dict, or they
             do not fit the network (missing, unexpected or mis-shaped tensors).
     """
-    data = _read_weights(spec)
+    if spec.backend == ONNX:
+        raise spec.error("weights", f"{spec.weights.name} is an ONNX graph, not a torch module; "
+                                    "load it with pipeline.model.load_network")
+    data = read_weights(spec)
     check_digest(spec, hashlib.sha256(data).hexdigest())
     return _assemble(spec, data, device, trust_code)
 
 
-def cached_model(spec_path: str, sha256: str, device: str, *, channels_last: bool = False,
-                 compile: bool = False, trust_code: bool = False) -> tuple[ModelSpec, nn.Module]:
-    """The spec and model for a task, built on first use in this process and kept.
+def load_network(spec: ModelSpec, *, device: str = "cpu", threads: int = 1,
+                 precision: str = "fp32", channels_last: bool = False, compile: bool = False,
+                 trust_code: bool = False) -> Network:
+    """The network a spec describes, on ``device``, its signature checked against the spec.
 
-    ``sha256`` is the weights' digest that the client computed while planning
-    (:func:`pipeline.modelspec.verify_weights`); on first load the file is checked
-    against it, so a worker never runs weights other than those planned. The spec
-    is read once per key: edit a spec's YAML between runs in a fresh process.
-    ``trust_code`` is the client's decision (it travels in the task's model
-    reference): a worker refuses a spec's import path on its own unless the run
-    trusted the spec's code, whatever the client checked. Errors as :func:`build_model`.
+    The weights file is read once and checked against ``spec.sha256`` before anything is
+    built from those bytes. A torch spec gives a :class:`~pipeline.networks.TorchNetwork`
+    (:func:`build_model`); an ONNX spec an :class:`~pipeline.networks.OnnxNetwork`.
+
+    Args:
+        spec: The model spec.
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (any torch device name for torch).
+        threads: ONNX Runtime's intra-op threads (torch's are the process's).
+        precision: ``fp32``, ``bf16`` or ``fp16``: torch's autocast dtype; an ONNX graph
+            runs in the dtypes it was exported with and takes ``fp32`` only.
+        channels_last, compile: torch only (ignored for ONNX): NHWC memory layout,
+            :func:`torch.compile`.
+        trust_code: As :func:`build_model`.
+
+    Raises:
+        ModelSpecError: as :func:`build_model`.
+        ModelError: as :func:`build_model`; the network's channels or classes do not fit
+            the spec (:func:`pipeline.networks.check_signature`); ONNX Runtime is missing,
+            lacks the CUDA execution provider, or cannot load the graph; a precision
+            other than fp32 for an ONNX graph.
     """
-    key = (str(spec_path), sha256.strip().lower(), str(device), channels_last, compile,
-           trust_code)
-    with _MODELS_LOCK:
-        entry = _MODELS.get(key)
-        if entry is None:
-            spec = load_spec(spec_path)
-            data = _read_weights(spec)
-            digest = hashlib.sha256(data).hexdigest()
-            check_digest(spec, digest)
-            if digest != key[1]:
-                raise ModelError(
-                    f"{spec.source}: weights file {spec.weights} changed since the run was "
-                    f"planned: its sha256 is {digest}, the task expects {key[1]}; plan the run "
-                    "again"
-                )
-            module = _assemble(spec, data, device, trust_code)
-            if channels_last:
-                # Module.to takes memory_format at runtime; torch's overloads omit it
-                module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            if compile:
-                # an OptimizedModule (an nn.Module), but typed as a plain callable
-                module = torch.compile(module)  # type: ignore[assignment]
-            entry = _MODELS[key] = (spec, module)
-    return entry
+    data = read_weights(spec)
+    check_digest(spec, hashlib.sha256(data).hexdigest())
+    return _network(spec, data, device, threads, precision, channels_last, compile, trust_code)
+
+
+def _network(spec: ModelSpec, data: bytes, device: str, threads: int, precision: str,
+             channels_last: bool, compile: bool, trust_code: bool) -> Network:
+    """The network from ``data``, which the caller has checked against the spec's sha256."""
+    if precision not in _AUTOCAST:
+        raise ValueError(f"precision must be one of {', '.join(_AUTOCAST)}, got {precision!r}")
+    network: Network
+    if spec.backend == ONNX:
+        check_precision(spec, precision)
+        network = OnnxNetwork(data, device=device, threads=threads, input_name=spec.onnx_input,
+                              output_name=spec.onnx_output, output=spec.output,
+                              source=spec_source(spec))
+    else:
+        module = _assemble(spec, data, device, trust_code)
+        channels = input_channels(module, len(spec.bands))
+        if channels_last:
+            # Module.to takes memory_format at runtime; torch's overloads omit it
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if compile:
+            # an OptimizedModule (an nn.Module), but typed as a plain callable
+            module = torch.compile(module)  # type: ignore[assignment]
+        network = TorchNetwork(module, autocast=_AUTOCAST[precision],
+                               channels_last=channels_last, channels=channels,
+                               output=spec.output or SCORES)
+    check_signature(spec, network.signature)
+    return network
 
 
 def cached_network(spec_path: str, sha256: str, device: str, *, threads: int = 1,
                    precision: str = "fp32", channels_last: bool = False, compile: bool = False,
                    trust_code: bool = False) -> tuple[ModelSpec, Network]:
-    """The spec and network for a task (:func:`cached_model`, as a :class:`Network`)."""
-    spec, module = cached_model(spec_path, sha256, device, channels_last=channels_last,
-                                compile=compile, trust_code=trust_code)
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return spec, TorchNetwork(module, autocast=autocast, channels_last=channels_last)
+    """The spec and network for a task, loaded on first use in this process and kept.
+
+    ``sha256`` is the weights' digest that the client computed while planning
+    (:func:`pipeline.modelspec.verify_weights`); on first load the file is checked
+    against it, so a worker never runs weights other than those planned. The spec is
+    read once per key: edit a spec's YAML between runs in a fresh process. The lock is
+    held while a network loads, so threads of one worker never load it twice.
+    ``trust_code`` is the client's decision (it travels in the task's model reference).
+    Other arguments and errors as :func:`load_network`.
+    """
+    key = (str(spec_path), sha256.strip().lower(), str(device), threads, precision,
+           channels_last, compile, trust_code)
+    with _NETWORKS_LOCK:
+        entry = _NETWORKS.get(key)
+        if entry is None:
+            spec = load_spec(spec_path)
+            data = _planned_weights(spec, key[1])
+            network = _network(spec, data, device, threads, precision, channels_last, compile,
+                               trust_code)
+            entry = _NETWORKS[key] = (spec, network)
+    return entry
+
+
+def _planned_weights(spec: ModelSpec, planned: str) -> bytes:
+    """The weights' bytes, checked against the spec and against the digest planned."""
+    data = read_weights(spec)
+    digest = hashlib.sha256(data).hexdigest()
+    check_digest(spec, digest)
+    if digest != planned:
+        raise ModelError(
+            f"{spec.source}: weights file {spec.weights} changed since the run was "
+            f"planned: its sha256 is {digest}, the task expects {planned}; plan the run again"
+        )
+    return data
 
 
 def clear_model_cache() -> None:
-    """Forget every cached model of this process (tests, or to free device memory)."""
-    with _MODELS_LOCK:
-        _MODELS.clear()
+    """Forget every cached network of this process (tests, or to free device memory)."""
+    with _NETWORKS_LOCK:
+        _NETWORKS.clear()
 
 
 def save_weights(module: nn.Module, path: str | os.PathLike[str]) -> str:
@@ -153,15 +221,6 @@ def save_weights(module: nn.Module, path: str | os.PathLike[str]) -> str:
 
 
 # --------------------------------------------------------------------------- steps
-
-
-def _read_weights(spec: ModelSpec) -> bytes:
-    try:
-        return spec.weights.read_bytes()
-    except FileNotFoundError:
-        raise missing_weights_error(spec) from None
-    except OSError as exc:
-        raise spec.error("weights", f"file {spec.weights} cannot be read ({exc})") from exc
 
 
 def _assemble(spec: ModelSpec, data: bytes, device: str, trust_code: bool) -> nn.Module:

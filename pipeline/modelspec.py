@@ -20,6 +20,27 @@ the output classes are::
     classes:
       - {name: water, color: [30, 90, 200]}
 
+An ONNX graph carries its architecture: its spec names no ``architecture`` (nor
+``arguments``), and may pick the graph's input and output tensors by name and
+declare what the output holds and a halo::
+
+    schema: 1
+    name: segmenter
+    weights: segmenter.onnx
+    sha256: "<64 hex digits>"
+    bands: [4, 3, 2, 8]
+    normalization: {mean: [0, 0, 0, 0], std: [10000, 10000, 10000, 10000]}
+    onnx: {input: image, output: logits}   # optional: needed when the graph has several
+    output: scores                   # optional: scores (N, K, H, W) or labels (N, H, W)
+    halo: [64, 64]                   # optional: px (rows, cols) read around each tile
+    classes:
+      - {name: water, color: [30, 90, 200]}
+
+``halo`` (one number of px, or ``[rows, cols]``) declares the context a tile needs
+for a network whose receptive field cannot be derived (global context: squeeze and
+excitation, group normalisation, attention). ``.pt2`` files are refused:
+``torch.export.load`` unpickles parts of them.
+
 ``nodata.fill`` is what the network sees in place of an invalid pixel (nodata,
 masked, NaN, infinite): ``mean`` (the default: the normalisation mean, 0 once
 normalised), or a number or a per-band list of numbers in raw scene units,
@@ -69,14 +90,24 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 #: ``load_spec(DEMO)`` reads the spec bundled with the package.
 DEMO = "demo"
-WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth")
+WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".onnx")
+#: The weights suffix of an ONNX graph: the graph is the network, run by ONNX Runtime.
+ONNX_SUFFIX = ".onnx"
+#: Back ends (:attr:`ModelSpec.backend`).
+TORCH = "torch"
+ONNX = "onnx"
+#: Output layouts: class scores ``(N, K, H, W)`` or labels already picked ``(N, H, W)``.
+SCORES = "scores"
+LABELS = "labels"
+OUTPUTS = (SCORES, LABELS)
 #: ``nodata.input`` words; any number is an override of the scene's nodata value.
 NODATA_INPUT_WORDS = ("scene", "none")
 #: ``nodata.fill`` word for the normalisation mean (0 after normalising), the default.
 FILL_MEAN = "mean"
 
-_REQUIRED = ("schema", "name", "architecture", "weights", "bands", "normalization", "classes")
-_OPTIONAL = ("arguments", "sha256", "dtypes", "nodata", "band_names")
+_REQUIRED = ("schema", "name", "weights", "bands", "normalization", "classes")
+_OPTIONAL = ("architecture", "arguments", "sha256", "dtypes", "nodata", "halo", "output", "onnx",
+             "band_names")
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _BUILTIN_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -167,7 +198,8 @@ class ModelSpec:
 
     path: Path | None
     name: str
-    architecture: str
+    #: The network factory; None for an ONNX graph, which carries its architecture.
+    architecture: str | None
     arguments: Arguments
     weights: Path
     sha256: str | None
@@ -185,6 +217,14 @@ class ModelSpec:
     #: Spec field -> the field of the file it came from (a STAC Item's), for messages.
     field_names: tuple[tuple[str, str], ...] = dataclasses.field(
         default=(), compare=False, repr=False)
+    #: Declared halo ``(rows, cols)`` in px, for networks whose receptive field cannot be
+    #: derived; None: derived from the network.
+    halo: tuple[int, int] | None = None
+    #: Declared output layout, :data:`SCORES` or :data:`LABELS`; None: detected.
+    output: str | None = None
+    #: The ONNX graph's input and output tensor names the spec picks (None: the only one).
+    onnx_input: str | None = None
+    onnx_output: str | None = None
 
     @property
     def source(self) -> str:
@@ -192,9 +232,14 @@ class ModelSpec:
         return _source(self.path)
 
     @property
+    def backend(self) -> str:
+        """:data:`ONNX` for an ``.onnx`` graph (ONNX Runtime), else :data:`TORCH`."""
+        return ONNX if self.weights.suffix.lower() == ONNX_SUFFIX else TORCH
+
+    @property
     def is_import_path(self) -> bool:
         """True when ``architecture`` is ``package.module:factory`` rather than a built-in name."""
-        return ":" in self.architecture
+        return self.architecture is not None and ":" in self.architecture
 
     def error(self, field: str, problem: str) -> ModelSpecError:
         """A :class:`ModelSpecError` naming this spec's file and ``field``."""
@@ -368,12 +413,16 @@ def parse_spec(data: Mapping[str, Any], *, path: Path | None,
     bands = _bands(f, data["bands"])
     classes = _classes(f, data["classes"])
     input_nodata, output_nodata, fill = _nodata(f, data.get("nodata"), classes, len(bands))
+    weights = _weights(f, data["weights"], path)
+    onnx = weights.suffix.lower() == ONNX_SUFFIX
+    _network_keys(f, data, weights, onnx)
+    onnx_input, onnx_output = _onnx_names(f, data.get("onnx"))
     spec = ModelSpec(
         path=path,
         name=f.string(data["name"], "name"),
-        architecture=_architecture(f, data["architecture"]),
+        architecture=None if onnx else _architecture(f, data["architecture"]),
         arguments=_arguments(f, data.get("arguments")),
-        weights=_weights(f, data["weights"], path),
+        weights=weights,
         sha256=_sha256(f, data.get("sha256")),
         bands=bands,
         dtypes=_dtypes(f, data.get("dtypes")),
@@ -384,6 +433,10 @@ def parse_spec(data: Mapping[str, Any], *, path: Path | None,
         nodata_fill=fill,
         band_names=_band_names(f, data.get("band_names"), len(bands)),
         field_names=names,
+        halo=_halo(f, data.get("halo")),
+        output=_output(f, data.get("output")),
+        onnx_input=onnx_input,
+        onnx_output=onnx_output,
     )
     with np.errstate(over="ignore", invalid="ignore"):
         finite = bool(np.isfinite(fill_values(spec)).all())
@@ -407,6 +460,53 @@ def _architecture(f: _Fields, value: Any) -> str:
     return name
 
 
+def _network_keys(f: _Fields, data: Mapping[str, Any], weights: Path, onnx: bool) -> None:
+    """The keys that say what the network is agree with the kind of weights file: an ONNX
+    graph carries its architecture, other weights need one."""
+    if onnx:
+        for key in ("architecture", "arguments"):
+            if key in data:
+                raise f.error(key, f"must not be given with an ONNX graph ({weights.name}): the "
+                                   "graph carries its architecture; remove it from the spec")
+    else:
+        if "architecture" not in data:
+            raise f.error("architecture", "is required (or set weights to an .onnx graph, "
+                                          "which carries its architecture)")
+        if "onnx" in data:
+            raise f.error("onnx", f"applies to ONNX graphs only; weights {weights.name} is not "
+                                  "an .onnx file")
+
+
+def _onnx_names(f: _Fields, value: Any) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, None
+    block = f.mapping(value, "onnx", (), ("input", "output"))
+    names = [f.string(block[key], f"onnx.{key}").strip() if key in block else None
+             for key in ("input", "output")]
+    return names[0], names[1]
+
+
+def _halo(f: _Fields, value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise f.error("halo", f"must be one number of px or [rows, cols], got {_show(value)}")
+        rows, cols = (f.integer(v, f"halo[{i}]", 0) for i, v in enumerate(value))
+        return rows, cols
+    size = f.integer(value, "halo", 0)
+    return size, size
+
+
+def _output(f: _Fields, value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in OUTPUTS:
+        raise f.error("output", f"must be {' or '.join(OUTPUTS)} (class scores (N, K, H, W) or "
+                                f"labels (N, H, W)), got {_show(value)}")
+    return str(value)
+
+
 def _arguments(f: _Fields, value: Any) -> Arguments:
     if value is None:
         return Arguments()
@@ -423,9 +523,15 @@ def _arguments(f: _Fields, value: Any) -> Arguments:
 
 def _weights(f: _Fields, value: Any, path: Path | None) -> Path:
     weights = Path(f.string(value, "weights")).expanduser()
+    if weights.suffix.lower() == ".pt2":
+        raise f.error(
+            "weights", f"{weights.name} is a torch.export archive, which is never loaded here: "
+            "torch.export.load unpickles parts of it, and unpickling can run any code; export "
+            "the model to ONNX instead (torch.onnx.export) and set weights to the .onnx file"
+        )
     if weights.suffix.lower() not in WEIGHTS_SUFFIXES:
         raise f.error(
-            "weights", f"must be a .safetensors, .pt or .pth file, got {str(weights)!r}"
+            "weights", f"must be a .safetensors, .pt, .pth or .onnx file, got {str(weights)!r}"
         )
     if not weights.is_absolute() and path is not None:
         weights = path.parent / weights
@@ -568,6 +674,21 @@ def file_sha256(path: str | PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def read_weights(spec: ModelSpec) -> bytes:
+    """The weights file's bytes, read once: hash them and load from the same bytes, so the
+    weights used are exactly the weights checked.
+
+    Raises:
+        ModelSpecError: the file is missing or cannot be read.
+    """
+    try:
+        return spec.weights.read_bytes()
+    except FileNotFoundError:
+        raise missing_weights_error(spec) from None
+    except OSError as exc:
+        raise spec.error("weights", f"file {spec.weights} cannot be read ({exc})") from exc
+
+
 def missing_weights_error(spec: ModelSpec) -> ModelSpecError:
     """The error for a weights file that does not exist."""
     hint = " (a relative path is taken from the spec file's folder)" if spec.path else ""
@@ -588,10 +709,13 @@ def check_digest(spec: ModelSpec, digest: str) -> None:
 def _format_problem(path: Path) -> str | None:
     """What is wrong with the container of a weights file, read without torch: a
     ``.safetensors`` file starts with the length of a JSON header that fits in the file; a
-    PyTorch ``.pt``/``.pth`` file is a zip archive (or, from torch before 1.6, a pickle)."""
+    PyTorch ``.pt``/``.pth`` file is a zip archive (or, from torch before 1.6, a pickle); an
+    ``.onnx`` graph is not empty (ONNX Runtime reads the rest when the graph is checked)."""
     with open(path, "rb") as stream:
         head = stream.read(8)
         size = path.stat().st_size
+        if path.suffix.lower() == ONNX_SUFFIX:
+            return "is empty, not an ONNX graph" if size == 0 else None
         if path.suffix.lower() == ".safetensors":
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
             if not 0 < length <= size - 8:

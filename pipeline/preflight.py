@@ -9,7 +9,9 @@ make. So before the first import of torch, :func:`preflight`:
 - expands the scene arguments as users type them (:func:`expand_scenes`);
 - reads the model spec, decides whether the code its architecture names may run
   (:func:`pipeline.architectures.resolve_architecture`: an import path needs
-  ``--trust-spec-code``; nothing is imported here) and checks its weights file;
+  ``--trust-spec-code``; nothing is imported here) and checks its weights file; an
+  ONNX graph is loaded by ONNX Runtime (nothing runs) and its inputs and outputs
+  checked against the spec's bands and classes (:func:`pipeline.networks.check_onnx`);
 - checks that the output folder is, or can be made, a writable folder, without
   creating it (it is created only when a scene will run);
 - names each scene's outputs, and refuses outputs that would replace an input
@@ -23,8 +25,8 @@ make. So before the first import of torch, :func:`preflight`:
   ``input.max_pixels``), or windows that cannot fit the memory budget where it is
   known without torch (:mod:`pipeline.limits`).
 
-No torch, no Dask: this module may import rasterio (through the readers), YAML
-and the standard library only.
+No torch, no Dask: this module may import rasterio (through the readers), ONNX
+Runtime (for an ONNX spec), YAML and the standard library only.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ from pipeline.journal import (
     stem_owners,
 )
 from pipeline.limits import HeaderLimits, check_window
-from pipeline.modelspec import ModelSpec, load_spec, verify_weights
+from pipeline.modelspec import ONNX, ModelSpec, load_spec, read_weights, verify_weights
+from pipeline.networks import check_onnx, check_precision
 from pipeline.patterns import expand_scenes
 from pipeline.plan import TILE_CANDIDATES, Outputs, name_outputs
 from pipeline.readers import check_bands, open_scene
@@ -239,18 +242,41 @@ def _regular_file_problem(path: str) -> str | None:
     return f"{Path(path).name} is {kind} ({path}); pass a GeoTIFF file"
 
 
-def load_model_spec(config: RunConfig) -> tuple[ModelSpec, str, Architecture]:
+def load_model_spec(config: RunConfig) -> tuple[ModelSpec, str, Architecture | None]:
     """The run's model spec, the sha256 of its weights (checked against the spec's) and
-    where its network factory comes from; nothing the spec names is imported.
+    where its network factory comes from (None for an ONNX graph, checked here against
+    the spec by :func:`check_onnx_spec`); nothing the spec names is imported.
 
     Raises:
         ModelSpecError: the spec or its weights are bad; its architecture is unknown, or
             an import path the run does not trust (``config.trust_spec_code``), or leads
             into the standard library.
+        ModelError: as :func:`check_onnx_spec`.
     """
     spec = load_spec(config.model)
+    if spec.backend == ONNX:
+        return spec, check_onnx_spec(spec, config), None
     architecture = resolve_architecture(spec, trust_code=config.trust_spec_code)
     return spec, verify_weights(spec), architecture
+
+
+def check_onnx_spec(spec: ModelSpec, config: RunConfig) -> str:
+    """Check an ONNX spec before the run: its graph loads in ONNX Runtime and takes the
+    spec's bands and gives its classes, and the run's precision suits it; return the
+    sha256 of its weights.
+
+    Raises:
+        ModelSpecError: the weights are missing or do not match the spec's sha256.
+        ModelError: ONNX Runtime is not installed or cannot load the graph; the graph's
+            inputs, outputs, channels or classes do not fit the spec
+            (:func:`pipeline.networks.check_onnx`).
+            ``compute.precision`` is not fp32 (:func:`pipeline.networks.check_precision`).
+    """
+    digest = verify_weights(spec)
+    check_precision(spec, config.precision)
+    data = read_weights(spec)
+    check_onnx(spec, data)
+    return digest
 
 
 def check_scene(path: str, outputs: Outputs, spec: ModelSpec, allow_no_crs: bool,

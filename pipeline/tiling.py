@@ -14,26 +14,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.analysis import receptive_field
 from pipeline.cluster import default_workers
 from pipeline.config import RunConfig
 from pipeline.errors import ModelAnalysisError, ModelError, SceneLimitError
-from pipeline.exactness import ANALYSED, DECLARED, Exactness, exact
+from pipeline.exactness import ANALYSED, DECLARED, PROBED, Exactness, exact
 from pipeline.grid import TileGrid, fixed_tile_size
 from pipeline.inference import (
     activation_bytes,
-    input_channels,
     output_shape,
     weight_bytes,
     window_speeds,
 )
 from pipeline.journal import earlier_tile_sizes, fingerprint, load_window_speeds
 from pipeline.limits import cpu_budget, window_bytes, window_problem
-from pipeline.model import build_model
-from pipeline.modelspec import ModelSpec
-from pipeline.networks import Network, TorchNetwork
+from pipeline.model import build_model, load_network
+from pipeline.modelspec import ONNX, ModelSpec, read_weights
+from pipeline.networks import Network, TorchNetwork, input_channels, onnx_memory
 from pipeline.plan import (
     TILE_CANDIDATES,
     MemoryEstimate,
@@ -42,6 +42,7 @@ from pipeline.plan import (
     candidate_sizes,
     choose_tile_size,
 )
+from pipeline.probing import probe_onnx
 from pipeline.receptive import Halo, ReceptiveField, align_up
 from pipeline.scene import SceneInfo
 
@@ -65,6 +66,11 @@ class AnalysedModel:
     method: str = ANALYSED
     declared: Halo | None = None
     module: torch.nn.Module | None = None
+    #: The ONNX graph's bytes (its memory is estimated from them), else None.
+    graph: bytes | None = None
+    #: Windows must be congruent to the scene's length modulo ``align``: the network's
+    #: padding depends on its input's length (:meth:`pipeline.grid.TileGrid.congruent`).
+    congruent: bool = False
 
     @property
     def exact(self) -> bool:
@@ -83,7 +89,8 @@ class AnalysedModel:
 
     def grid(self, shape: tuple[int, int], tile: int) -> TileGrid:
         """The tiles of a scene of ``shape`` (output at the scene's resolution)."""
-        return TileGrid.build(shape, shape, self.field, tile, self.declared, window=self.window)
+        grid = TileGrid.build(shape, shape, self.field, tile, self.declared, window=self.window)
+        return grid.congruent() if self.congruent else grid
 
     def exactness(self) -> Exactness:
         """The record of an exact tiling; a declared halo's is measured per scene."""
@@ -92,7 +99,7 @@ class AnalysedModel:
 
 def _declared_halo(spec: ModelSpec, halo: tuple[int, int] | None) -> Halo | None:
     """The halo declared by ``--halo`` (``tiling.halo``), else by the spec, else None."""
-    pair = halo if halo is not None else getattr(spec, "halo", None)
+    pair = halo if halo is not None else spec.halo
     return None if pair is None else Halo.of((int(pair[0]), int(pair[1])))
 
 
@@ -113,6 +120,8 @@ def analyse_model(spec: ModelSpec, sha256: str, *, trust_code: bool = False,
             declared; the line gives the analysis's reason and how to declare one.
     """
     declared = _declared_halo(spec, halo)
+    if spec.backend == ONNX:
+        return _analyse_graph(spec, sha256, declared)
     module = build_model(spec, trust_code=trust_code)
     channels = input_channels(module, len(spec.bands))
     if channels is not None and channels != len(spec.bands):
@@ -129,6 +138,26 @@ def analyse_model(spec: ModelSpec, sha256: str, *, trust_code: bool = False,
         return AnalysedModel(spec, sha256, field, network, DECLARED, declared, module)
     return AnalysedModel(spec, sha256, field, network, ANALYSED,
                          _larger(declared, field), module)
+
+
+def _analyse_graph(spec: ModelSpec, sha256: str, declared: Halo | None) -> AnalysedModel:
+    """An ONNX spec: its network (checked against the spec) and its field, probed on the
+    runtime (:func:`pipeline.probing.probe_onnx`), or pixel-wise under a declared halo."""
+    graph = read_weights(spec)
+    network = load_network(spec)
+    try:
+        probed = probe_onnx(graph, input_name=spec.onnx_input, output_name=spec.onnx_output)
+    except ModelAnalysisError as exc:
+        if declared is None:
+            raise _needs_halo(spec, exc) from exc
+        shape = network.signature.window or (64, 64)
+        out = network.forward(np.zeros((1, len(spec.bands), *shape), np.float32)).shape
+        scores = out[1:] if len(out) == 4 else (1, *out[1:])
+        return AnalysedModel(spec, sha256, _pointwise(tuple(scores), shape), network, DECLARED,
+                             declared, graph=graph)
+    return AnalysedModel(spec, sha256, probed.field, network, PROBED,
+                         _larger(declared, probed.field), graph=graph,
+                         congruent=probed.size_dependent_padding)
 
 
 def _needs_halo(spec: ModelSpec, exc: ModelAnalysisError) -> ModelAnalysisError:
@@ -189,7 +218,7 @@ def task_memory(model: AnalysedModel, scenes: Sequence[SceneInfo], window: tuple
         window_input=max((window_bytes(info, channels, classes, window, batch_size)
                           for info in scenes), default=0),
         activations=_activations(model, (channels, rows, cols), batch_size),
-        weights=weight_bytes(model.module) if model.module is not None else 0,
+        weights=_weights(model),
     )
 
 
@@ -197,6 +226,19 @@ def _activations(model: AnalysedModel, shape: tuple[int, int, int], batch_size: 
     """Peak activation bytes of one forward pass over ``batch_size`` windows of ``shape``."""
     if model.module is not None:
         return activation_bytes(model.module, shape, batch_size)
+    if model.graph is not None:
+        return onnx_memory(model.graph, shape, batch_size,
+                           input_name=model.spec.onnx_input)[0]
+    return 0
+
+
+def _weights(model: AnalysedModel) -> int:
+    """Bytes of the network's weights."""
+    if model.module is not None:
+        return weight_bytes(model.module)
+    if model.graph is not None:
+        return onnx_memory(model.graph, (len(model.spec.bands), 64, 64), 1,
+                           input_name=model.spec.onnx_input)[1]
     return 0
 
 

@@ -923,7 +923,7 @@ def _install_steps(commands: list[str], ref: str) -> list[tuple[str, str]]:
         elif ref.format("TORCH") in rest.split():
             index = "--index-url " + ref.format("TORCH_INDEX")
             steps.append(("torch", "index" if index in rest else "default"))
-        elif target := re.search(r"(?:^|\s)(?:-e\s+)?'?(\.(?:\[[\w,]+\])?)'?(?:\s|$)", rest):
+        elif target := re.search(r"(?:^|\s)(?:-e\s+)?'?(\.(?:\[[\w,-]+\])?)'?(?:\s|$)", rest):
             steps.append(("package", target.group(1)))
         else:
             steps.append(("other", rest))
@@ -944,9 +944,30 @@ def test_the_image_installs_like_make_install() -> None:
     assert _install_steps(recipe, "$({})") == [
         ("pip", ""), ("torch", "index"), ("package", "."), ("package", ".[test]")
     ]
-    # Image: the same steps; torch from a chosen (CUDA) index, the package without the test extra.
-    assert _install_steps(runs, "${{{}}}") == [("pip", ""), ("torch", "index"), ("package", ".")]
+    # Image: the same steps; torch from a chosen (CUDA) index, the package without the test
+    # extra (which brings the CPU onnxruntime) but with ONNX Runtime's CUDA build.
+    assert _install_steps(runs, "${{{}}}") == [
+        ("pip", ""), ("torch", "index"), ("package", ".[onnx-cuda]")
+    ]
     assert args["TORCH_INDEX"].startswith("https://")
+
+
+def test_the_image_gets_one_onnx_runtime_the_cuda_build() -> None:
+    """onnxruntime and onnxruntime-gpu install the same module: the image's extra brings the
+    CUDA build alone, the test extra (not in the image) the CPU build."""
+    text = (ROOT / "pyproject.toml").read_text()
+
+    def names(extra: str) -> set[str]:
+        found = re.search(rf"^{extra} = \[(.*?)\]", text, re.M | re.S)
+        assert found, extra
+        return {re.match(r'\s*"([\w.-]+)', r).group(1)  # type: ignore[union-attr]
+                for r in found.group(1).split(",") if r.strip()}
+
+    assert {"onnxruntime-gpu", "onnx"} <= names("onnx-cuda")
+    assert "onnxruntime" not in names("onnx-cuda")
+    assert {"onnxruntime", "onnx"} <= names("onnx") and "onnxruntime-gpu" not in names("onnx")
+    _, runs, _ = _dockerfile()
+    assert not any(re.search(r"\bonnxruntime\b(?!-gpu)", run) for run in runs)
 
 
 def test_the_image_runs_fcn_pipeline_as_a_fixed_non_root_user_without_secrets() -> None:

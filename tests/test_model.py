@@ -18,7 +18,7 @@ from pipeline import architectures
 from pipeline import model as model_module
 from pipeline.demo import demo_fcn
 from pipeline.errors import ModelError, ModelSpecError
-from pipeline.model import build_model, cached_model, clear_model_cache, save_weights
+from pipeline.model import build_model, cached_network, clear_model_cache, save_weights
 from pipeline.modelspec import ModelSpec, file_sha256, load_spec, verify_weights
 from tests import modelspec_factories as factories
 from tests.modelspec_factories import spec_dict, write_spec
@@ -338,12 +338,12 @@ def _planned(tmp_path: Path, reference: nn.Module) -> tuple[str, str]:
 def test_cache_loads_once(tmp_path: Path, reference: nn.Module) -> None:
     spec_path, digest = _planned(tmp_path, reference)
     factories.calls = 0
-    spec, first = cached_model(spec_path, digest, "cpu", trust_code=True)
-    again_spec, second = cached_model(spec_path, digest, "cpu", trust_code=True)
+    spec, first = cached_network(spec_path, digest, "cpu", trust_code=True)
+    again_spec, second = cached_network(spec_path, digest, "cpu", trust_code=True)
     assert second is first and again_spec is spec
     assert factories.calls == 1
     assert spec.name == "tiny"
-    assert _same_outputs(first, reference)
+    assert _same_outputs(first.module, reference)
 
 
 def test_cache_loads_once_across_threads(tmp_path: Path, reference: nn.Module) -> None:
@@ -352,7 +352,7 @@ def test_cache_loads_once_across_threads(tmp_path: Path, reference: nn.Module) -
     results: list[nn.Module] = []
     threads = [
         threading.Thread(target=lambda: results.append(
-            cached_model(spec_path, digest, "cpu", trust_code=True)[1]))
+            cached_network(spec_path, digest, "cpu", trust_code=True)[1]))
         for _ in range(4)
     ]
     for thread in threads:
@@ -368,21 +368,21 @@ def test_cache_checks_the_planned_digest(tmp_path: Path, reference: nn.Module) -
     factories.calls = 0
     planned = hashlib.sha256(b"other weights").hexdigest()
     with pytest.raises(ModelError) as caught:
-        cached_model(spec_path, planned, "cpu", trust_code=True)
+        cached_network(spec_path, planned, "cpu", trust_code=True)
     text = str(caught.value)
     assert "changed since the run was planned" in text
     assert digest in text and planned in text
     assert factories.calls == 0
-    assert model_module._MODELS == {}
+    assert model_module._NETWORKS == {}
 
 
 def test_cache_checks_the_spec_digest(tmp_path: Path, reference: nn.Module) -> None:
-    """Teeth: cached_model() assembling before check_digest(): the factory is called."""
+    """Teeth: cached_network() assembling before check_digest(): the factory is called."""
     save_weights(reference, tmp_path / "tiny.safetensors")
     path = write_spec(tmp_path, spec_dict(sha256="0" * 64))
     factories.calls = 0
     with pytest.raises(ModelSpecError, match="sha256 does not match"):
-        cached_model(str(path), file_sha256(tmp_path / "tiny.safetensors"), "cpu",
+        cached_network(str(path), file_sha256(tmp_path / "tiny.safetensors"), "cpu",
                      trust_code=True)
     assert factories.calls == 0
 

@@ -26,7 +26,7 @@ from rasterio.transform import Affine
 from pipeline.inference import predict_tiled
 from pipeline.modelspec import load_spec, model_input
 from tests.conftest import run_cli
-from tests.onnx_zoo import K, ONNX_ZOO, exported
+from tests.onnx_zoo import ONNX_ZOO, K, exported
 from tests.support import child_env
 
 pytest.importorskip("onnxruntime")

@@ -26,7 +26,7 @@ from rasterio.transform import Affine
 from pipeline import architectures
 from pipeline.architectures import resolve_architecture
 from pipeline.errors import ModelSpecError
-from pipeline.model import build_model, cached_model, clear_model_cache, save_weights
+from pipeline.model import build_model, cached_network, clear_model_cache, save_weights
 from pipeline.modelspec import ModelSpec, load_spec
 from tests import modelspec_factories as factories
 from tests.conftest import ROOT
@@ -170,10 +170,10 @@ def test_a_trusted_path_through_an_attribute_into_the_standard_library_is_refuse
 
 def test_a_worker_refuses_an_untrusted_import_path(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """cached_model, what tasks call on workers, decides again from the model reference's
+    """cached_network, what tasks call on workers, decides again from the model reference's
     trust: without it the factory is never called and nothing is cached.
 
-    Teeth: cached_model() resolving with trust_code=True whatever it is given: the
+    Teeth: cached_network() resolving with trust_code=True whatever it is given: the
     factory is called (the marker says "called").
     """
     marker = tmp_path / "marker"
@@ -182,9 +182,9 @@ def test_a_worker_refuses_an_untrusted_import_path(tmp_path: Path,
     digest = load_spec(path).sha256
     assert digest is not None
     with pytest.raises(ModelSpecError, match="is an import path: it runs code"):
-        cached_model(str(path), digest, "cpu")
+        cached_network(str(path), digest, "cpu")
     assert "called" not in marks(marker)
-    cached_model(str(path), digest, "cpu", trust_code=True)
+    cached_network(str(path), digest, "cpu", trust_code=True)
     assert "called" in marks(marker)
 
 
@@ -251,7 +251,7 @@ def test_tasks_carry_the_trust_of_the_run_to_the_workers(tmp_path: Path,
 def test_the_checksum_is_verified_before_any_factory_is_imported(tmp_path: Path) -> None:
     """A trusted import path whose weights do not match the spec's sha256: exit 2 naming
     both digests; the factory's module was never imported (nor in build_model, nor in
-    cached_model).
+    cached_network).
 
     Teeth: build_model() assembling before check_digest(): the marker says "imported"
     and "called" (the in-process half of the test fails); the CLI half is kept by
@@ -268,11 +268,11 @@ def test_the_checksum_is_verified_before_any_factory_is_imported(tmp_path: Path)
     code = (
         "import sys\n"
         "from pipeline.errors import ModelSpecError\n"
-        "from pipeline.model import build_model, cached_model\n"
+        "from pipeline.model import build_model, cached_network\n"
         "from pipeline.modelspec import load_spec, file_sha256\n"
         f"spec = load_spec({str(spec_path)!r})\n"
         "for call in (lambda: build_model(spec, trust_code=True),\n"
-        "             lambda: cached_model(str(spec.path), file_sha256(spec.weights), 'cpu',\n"
+        "             lambda: cached_network(str(spec.path), file_sha256(spec.weights), 'cpu',\n"
         "                                  trust_code=True)):\n"
         "    try:\n"
         "        call()\n"
