@@ -28,6 +28,8 @@ class SceneInfo:
     ``interleave`` is how the file stores its bands: ``"pixel"`` (every band of a pixel
     together, so a block holds all bands), ``"band"``, ``"line"``, or ``None`` when it
     does not say (one band).
+    ``sample`` is True for a scene that :mod:`pipeline.samples` generated (its
+    ``FCN_PIPELINE_SAMPLE`` tag), the only scenes the demo model was trained on.
     """
 
     path: str
@@ -44,6 +46,7 @@ class SceneInfo:
     driver: str = "GTiff"
     sources: tuple[str, ...] = ()
     interleave: str | None = None
+    sample: bool = False
 
     @property
     def pixels(self) -> int:
