@@ -37,8 +37,8 @@ def test_open_scene_tells_a_generated_sample_from_another_scene(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_demo_warns_once_per_run_for_scenes_that_are_not_samples(tmp_path: Path) -> None:
-    """A real scene, one written here and a sample in one run: one warning line, counting the two and
-    naming the first; a run over a sample alone, or of a model other than the demo, has
+    """A real scene, one written here and a sample in one run: one warning line, counting
+    the two and naming the first; a run over a sample alone, or of a model other than the demo, has
     none; -q silences it.
 
     Teeth: the caveat left out of cli._show_report: the first assertion fails; printed
