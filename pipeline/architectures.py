@@ -38,6 +38,8 @@ from pipeline.modelspec import ModelSpec
 ENTRY_POINT_GROUP = "fcn_pipeline.architectures"
 #: The command-line option that lets a spec's import path run.
 TRUST_OPTION = "--trust-spec-code"
+#: The bundled demo model's architecture: trained on generated sample scenes only.
+DEMO_ARCHITECTURE = "demo-fcn"
 #: Built-in architecture names -> their factory, ``module:attribute`` in this package.
 BUILT_IN: dict[str, str] = {
     "fcn32s-vgg16": "pipeline.models:fcn32s_vgg16",
@@ -45,7 +47,7 @@ BUILT_IN: dict[str, str] = {
     "fcn8s-vgg16": "pipeline.models:fcn8s_vgg16",
     "fcn-alexnet": "pipeline.models:fcn_alexnet",
     "unet-small": "pipeline.models:unet_small",
-    "demo-fcn": "pipeline.demo:demo_fcn",
+    DEMO_ARCHITECTURE: "pipeline.demo:demo_fcn",
 }
 #: What an :class:`Architecture` is, by where its factory comes from.
 BUILT_IN_KIND, ENTRY_POINT_KIND, IMPORT_PATH_KIND = "built-in", "entry point", "import path"

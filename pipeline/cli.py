@@ -258,7 +258,7 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
     from contextlib import ExitStack
 
     from pipeline.config import parse_bytes, parse_count, parse_halo, resolve, values_from_env
-    from pipeline.preflight import preflight
+    from pipeline.preflight import demo_caveat, preflight
     from pipeline.workflow import load_workflow
 
     if quiet and verbose:
@@ -318,13 +318,16 @@ def run(scenes: tuple[str, ...], output: str | None, model: str | None,
         _fail_usage(exc)
     except OutputError as exc:
         _fail(exc)
-    _show_report(report, dry_run, as_json, quiet, bool(config.overwrite))
+    _show_report(report, dry_run, as_json, quiet, bool(config.overwrite), demo_caveat(checked))
 
 
 def _show_report(report: Any, dry_run: bool, as_json: bool, quiet: bool,
-                 overwrite: bool = False) -> NoReturn:
-    """Print a run's outcome and exit with its code."""
+                 overwrite: bool = False, caveat: str | None = None) -> NoReturn:
+    """Print a run's outcome and exit with its code; ``caveat`` (a warning about the
+    labels, once per run) goes to stderr when the run labelled scenes."""
     failed = [s for s in report.scenes if s.status == "failed"]
+    if caveat and not (quiet or dry_run or report.refusal):
+        click.echo(f"warning: {caveat}", err=True)
     if as_json:
         from dataclasses import asdict
 

@@ -38,7 +38,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.architectures import Architecture, resolve_architecture
+from pipeline.architectures import DEMO_ARCHITECTURE, Architecture, resolve_architecture
 from pipeline.config import RunConfig
 from pipeline.errors import (
     ConfigError,
@@ -110,6 +110,23 @@ class Preflight:
     @property
     def runnable(self) -> list[SceneCheck]:
         return [s for s in self.scenes if s.info is not None]
+
+
+def demo_caveat(checked: Preflight) -> str | None:
+    """The one-line caveat for a run of the demo model (architecture ``demo-fcn``, trained
+    on generated sample scenes only) over scenes that are not generated samples
+    (:attr:`SceneInfo.sample`): their labels are illustrative. None for any other model,
+    or when every runnable scene is a sample."""
+    if checked.spec.architecture != DEMO_ARCHITECTURE:
+        return None
+    real = [c for c in checked.runnable if c.info is not None and not c.info.sample]
+    if not real:
+        return None
+    first = Path(real[0].path).name
+    which = first if len(real) == 1 else f"{first} and {len(real) - 1} more"
+    return (f"the demo model was trained on generated sample scenes only: its labels for "
+            f"{len(real)} scene(s) that are not samples ({which}) are illustrative, not a "
+            "land-cover map; use a model trained for such imagery (--model SPEC)")
 
 
 def _cause(path: Path) -> str:

@@ -45,6 +45,7 @@ from pipeline.errors import SceneError, SceneFormatError, SceneReadError
 from pipeline.formats import VRT, SceneFile, scene_file
 from pipeline.grid import Box
 from pipeline.limits import HeaderLimits, check_header
+from pipeline.samples import marks_sample
 from pipeline.scene import NUMERIC_KINDS, Affine6, SceneInfo, nodata_problem
 
 # GDAL's messages reach rasterio's logger, and, with no logging configured, Python's
@@ -191,6 +192,7 @@ def open_scene(path: str | Path, *, allow_no_crs: bool = False,
             sources=scene.sources,
             interleave=ds.interleaving.name if ds.interleaving else None,
             descriptions=_descriptions(ds),
+            sample=marks_sample(ds.tags()),
         )
 
 

@@ -37,7 +37,7 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -634,13 +634,18 @@ def is_sample(path: str | Path) -> bool:
         with warnings.catch_warnings(), rasterio.Env():
             warnings.simplefilter("ignore")
             with rasterio.open(path, driver="GTiff") as dataset:
-                tags = dataset.tags()
-                # Samples written before the tag existed: scenes carry
-                # generator=pipeline.samples, true labels seed, classes and class_0.
-                return (SAMPLE_TAG in tags or tags.get("generator") == "pipeline.samples"
-                        or {"seed", "classes", "class_0"} <= set(tags))
+                return marks_sample(dataset.tags())
     except (RasterioError, OSError):
         return False
+
+
+def marks_sample(tags: Mapping[str, str]) -> bool:
+    """Whether a raster's dataset tags (GDAL metadata, default domain) mark it as written
+    here: the :data:`SAMPLE_TAG` tag, or the tags of samples written before it (scenes
+    carry ``generator=pipeline.samples``, true labels ``seed``, ``classes`` and ``class_0``).
+    """
+    return (SAMPLE_TAG in tags or tags.get("generator") == "pipeline.samples"
+            or {"seed", "classes", "class_0"} <= set(tags))
 
 
 def _check_replaceable(targets: list[SampleScene]) -> None:

@@ -32,6 +32,8 @@ class SceneInfo:
     does not say (one band). ``descriptions`` holds each band's description (GDAL's, such
     as ``"red"`` or ``"B04"``; ``None`` for a band without one), band 1 first; empty when
     no band has one.
+    ``sample`` is True for a scene that :mod:`pipeline.samples` generated (its
+    ``FCN_PIPELINE_SAMPLE`` tag), the only scenes the demo model was trained on.
     """
 
     path: str
@@ -49,6 +51,7 @@ class SceneInfo:
     sources: tuple[str, ...] = ()
     interleave: str | None = None
     descriptions: tuple[str | None, ...] = ()
+    sample: bool = False
 
     @property
     def pixels(self) -> int:

@@ -185,10 +185,15 @@ def error_lines(stderr: str, name: str) -> list[str]:
     return [line for line in stderr.splitlines() if name in line]
 
 
+#: How the demo model's caveat starts: a run of the demo over scenes that are not generated
+#: samples prints it once (tests/test_demo_caveat.py checks it).
+DEMO_CAVEAT = "warning: the demo model was trained on generated sample scenes only"
+
+
 def other_lines(stderr: str) -> list[str]:
-    """stderr without the progress and dashboard lines."""
+    """stderr without the progress and dashboard lines and the demo model's caveat."""
     return [line for line in stderr.splitlines()
-            if line.strip() and not line.startswith(("tiles ", "Dask dashboard"))]
+            if line.strip() and not line.startswith(("tiles ", "Dask dashboard", DEMO_CAVEAT))]
 
 
 @dataclass(frozen=True)
