@@ -25,8 +25,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(EDITABLE) -e .
 	touch $@
 
+# The real network's test (tests/test_real_network.py) runs DLR's cloud-mask graph on
+# xarray-spatial's Sentinel-2 sample bands: both packages are data there, neither is
+# imported, so their own dependencies (numba, datashader, scipy) are not installed.
+REAL_NETWORK_DATA := "ukis-csmask==1.0.0" "xarray-spatial==0.5.3"
+
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(REAL_NETWORK_DATA)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

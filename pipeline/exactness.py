@@ -111,7 +111,7 @@ def sample_region(scene_shape: tuple[int, int], tile_shape: tuple[int, int],
 
 def measure(network: Network, field: ReceptiveField, halo: Halo, tile_size: int,
             region: Box, read: Reader, *, classes: int, fill: np.ndarray, stitch: str,
-            method: str = DECLARED) -> Exactness:
+            method: str = DECLARED, scene_shape: tuple[int, int] | None = None) -> Exactness:
     """The deviation of the tiled prediction on ``region`` from one window over it.
 
     The region is tiled as a scene of its own (its edges are scene edges in both
@@ -119,30 +119,113 @@ def measure(network: Network, field: ReceptiveField, halo: Halo, tile_size: int,
     ``stitch`` as the run uses them; ``read`` reads scene windows (the network's
     input, normalised and filled, and validity). Only valid pixels are compared.
 
+    A network that takes one window size only (``scene_shape`` must then be given) is
+    compared instead on one window of that size centred in the scene (or as much of it
+    as the scene holds): the scene's own tiles against that window, on its pixels that
+    are at least the halo away from its inner edges (:func:`_measure_fixed`).
+
     Raises:
         GeometryError: the tiles cannot be built.
+        ValueError: a fixed-size network without ``scene_shape``.
     """
     pair = halo_pair(halo)
-    if network.signature.window is not None:
-        size = network.signature.window
-        return Exactness(False, method, pair, None, None, None,
-                         f"the network takes only {size[1]}x{size[0]} px windows: no one "
-                         "window covers a region larger than a tile")
     shape = region.shape
     origin = region.origin
+    fixed = network.signature.window
+    options: dict[str, Any] = dict(classes=classes, nodata=-1, label_dtype=np.int32, fill=fill,
+                                   scores=network.signature.output != LABELS,
+                                   skip_invalid=False)
+    if fixed is not None:
+        if scene_shape is None:
+            raise ValueError("measure() needs the scene's shape for a fixed-size network")
+        return _measure_fixed(network, field, halo, tile_size, scene_shape, read, options,
+                              stitch, method)
 
     def relative(window: Box) -> tuple[np.ndarray, np.ndarray | None]:
         return read(Box(window.rows.shift(origin[0]), window.cols.shift(origin[1])))
 
     tiled = TileGrid.build(shape, shape, field, tile_size, halo)
     whole = TileGrid.build(shape, shape, field, shape, Halo((0, 0), (0, 0)))
-    scores = network.signature.output != LABELS
-    options: dict[str, Any] = dict(classes=classes, nodata=-1, label_dtype=np.int32, fill=fill,
-                                   scores=scores, skip_invalid=False)
     got = _stitched(Predictor(network, tiled, stitch=stitch, **options), tiled, relative)
     want = _stitched(Predictor(network, whole, **options), whole, relative)
+    return _compare(got, want, (region.rows.start, region.cols.start, shape[0], shape[1]),
+                    pair, method)
+
+
+def _measure_fixed(network: Network, field: ReceptiveField, halo: Halo, tile_size: int,
+                   scene_shape: tuple[int, int], read: Reader, options: dict[str, Any],
+                   stitch: str, method: str) -> Exactness:
+    """A fixed-size network: its window centred in the scene against the scene's tiles,
+    on the pixels the window sees with at least the halo of context (its inner edges
+    less the halo; a scene edge needs none)."""
+    window = network.signature.window
+    assert window is not None
+    sides = [min(n, w) for n, w in zip(scene_shape, window)]
+    starts = [(n - s) // 2 for n, s in zip(scene_shape, sides)]
+    spans = []
+    for k in (0, 1):
+        lo, hi = starts[k], starts[k] + sides[k]
+        inner_lo = lo if lo == 0 else lo + halo.before[k]
+        inner_hi = hi if hi == scene_shape[k] else hi - halo.after[k]
+        spans.append(Span(inner_lo, max(inner_lo, inner_hi)))
+    interior = Box(spans[0], spans[1])
+    pair = halo_pair(halo)
+    if interior.area == 0:
+        return Exactness(False, method, pair, None, None, None,
+                         f"a {window[1]}x{window[0]} px window less the halo leaves nothing "
+                         "to compare")
+    grid = TileGrid.build(scene_shape, scene_shape, field, tile_size, halo, window=window)
+    tiles = [t for t in grid if _overlaps(t.core, interior)]
+    got = _placed(Predictor(network, grid, stitch=stitch, **options), tiles, read, interior)
+    box = Box(Span(starts[0], starts[0] + sides[0]), Span(starts[1], starts[1] + sides[1]))
+    one = TileGrid.build(box.shape, box.shape, field, box.shape, Halo((0, 0), (0, 0)),
+                         window=window)
+
+    def relative(part: Box) -> tuple[np.ndarray, np.ndarray | None]:
+        return read(Box(part.rows.shift(box.rows.start), part.cols.shift(box.cols.start)))
+
+    want = _stitched(Predictor(network, one, **options), one, relative)
+    inside = (slice(interior.rows.start - box.rows.start, interior.rows.stop - box.rows.start),
+              slice(interior.cols.start - box.cols.start, interior.cols.stop - box.cols.start))
+    want_cut = (want[0][inside],
+                None if want[1] is None else want[1][:, inside[0], inside[1]])
+    where = (interior.rows.start, interior.cols.start, *interior.shape)
+    return _compare(got, want_cut, where, pair, method)
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    return (a.rows.start < b.rows.stop and b.rows.start < a.rows.stop
+            and a.cols.start < b.cols.stop and b.cols.start < a.cols.stop)
+
+
+def _placed(predictor: Predictor, tiles: list[Any], read: Reader,
+            interior: Box) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels and scores of ``tiles`` on ``interior`` (as :func:`_stitched` gives)."""
+    labels = np.full(interior.shape, -1, np.int32)
+    scores: np.ndarray | None = None
+    for result in predictor.predict(tiles, read):
+        core = result.tile.core
+        r0, r1 = max(core.rows.start, interior.rows.start), min(core.rows.stop,
+                                                                interior.rows.stop)
+        c0, c1 = max(core.cols.start, interior.cols.start), min(core.cols.stop,
+                                                                interior.cols.stop)
+        src = (slice(r0 - core.rows.start, r1 - core.rows.start),
+               slice(c0 - core.cols.start, c1 - core.cols.start))
+        dst = (slice(r0 - interior.rows.start, r1 - interior.rows.start),
+               slice(c0 - interior.cols.start, c1 - interior.cols.start))
+        labels[dst] = np.where(result.labelled[src], result.labels[src], -1)
+        if result.scores is not None:
+            if scores is None:
+                scores = np.zeros((result.scores.shape[0], *interior.shape), np.float32)
+            scores[:, dst[0], dst[1]] = result.scores[:, src[0], src[1]]
+    return labels, scores
+
+
+def _compare(got: tuple[np.ndarray, np.ndarray | None],
+             want: tuple[np.ndarray, np.ndarray | None], where: tuple[int, int, int, int],
+             pair: tuple[int, int], method: str) -> Exactness:
+    """The deviation of ``got`` from ``want`` (labels, scores) on their valid pixels."""
     valid = (got[0] >= 0) & (want[0] >= 0)
-    where = (region.rows.start, region.cols.start, shape[0], shape[1])
     if not valid.any():
         return Exactness(False, method, pair, None, None, where,
                          "the sample region has no valid pixel")

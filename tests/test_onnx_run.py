@@ -194,3 +194,32 @@ def test_predict_tiled_and_run_give_identical_onnx_labels(tmp_path: Path) -> Non
     expected = scores.argmax(0).astype(np.uint8)
     expected[~valid] = NODATA
     assert np.array_equal(written, expected)
+
+
+@pytest.mark.slow
+def test_a_fixed_size_network_with_global_context_has_its_deviation_measured(
+        tmp_path: Path) -> None:
+    """A 64x64-only network with GroupNorm: its deviation is measured on a
+    64x64 window centred in the scene against the scene's tiles, on the pixels the
+    window sees with the halo around them; a larger halo compares fewer pixels.
+
+    Teeth: measure() returning "not measured" for fixed-size networks (as it did): the
+    deviation is None."""
+    from tests.onnx_export import onnx_bytes
+
+    model = tmp_path / "norm64.onnx"
+    model.write_bytes(onnx_bytes(ONNX_ZOO["group_norm"].build(), 3, window=(64, 64)))
+    spec = _spec(tmp_path, "plain_fcn")  # then point it at the fixed-size graph
+    data = yaml.safe_load(spec.read_text())
+    data.update(weights=model.name, sha256=hashlib.sha256(model.read_bytes()).hexdigest())
+    spec.write_text(yaml.safe_dump(data))
+    scene = _scene(tmp_path, (150, 130))
+    found = {}
+    for halo in (4, 16):
+        done = _run(scene, spec, tmp_path / f"out{halo}", "--halo", str(halo), "--dry-run",
+                    "--json")
+        exactness = json.loads(done.stdout)["scenes"][0]["exactness"]
+        assert exactness["method"] == "declared", exactness
+        assert exactness["max_abs_deviation"] is not None and exactness["max_abs_deviation"] > 0
+        found[halo] = exactness["region"]
+    assert found[4][2:] == [56, 56] and found[16][2:] == [32, 32], found
