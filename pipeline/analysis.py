@@ -144,6 +144,12 @@ def _pad_steps(pad: Any, mode: str, where: str) -> tuple[Step, Step]:
     if mode == "circular":
         raise ModelAnalysisError(f"{where} pads circularly, so scene edges wrap around")
     pad = list(pad) + [0] * (4 - len(pad))
+    if not all(isinstance(p, int) for p in pad):
+        raise ModelAnalysisError(
+            f"{where} pads by amounts computed from the input's size (TensorFlow-style "
+            "\"same\" padding), which differ between a window and the whole scene; export "
+            "the model to ONNX, whose receptive field is probed on the runtime, or pad by "
+            "constants")
     left, top = int(pad[0]), int(pad[2])
     return ((Fraction(-top), Fraction(-top), Fraction(1)),
             (Fraction(-left), Fraction(-left), Fraction(1)))

@@ -343,3 +343,15 @@ def test_convolutionalize_linear_in_features_mismatch() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.Linear(577, 8)).eval()
     with pytest.raises(ModelAnalysisError, match="577"):
         convolutionalize(model, 25)
+
+
+def test_padding_computed_from_the_input_size_is_refused_with_the_reason() -> None:
+    """TensorFlow-style "same" padding (amounts from ``x.shape``) is a ModelAnalysisError
+    naming the operation, not a TypeError from deep in the analysis.
+
+    Teeth: the isinstance check in _pad_steps() removed: int() of an fx Node raises
+    TypeError."""
+    from tests.onnx_zoo import ONNX_ZOO
+
+    with pytest.raises(ModelAnalysisError, match="computed from the input's size"):
+        receptive_field(ONNX_ZOO["keras_same"].build())

@@ -940,9 +940,11 @@ def test_the_image_installs_like_make_install() -> None:
         if "pip install" in line
     ]
     # Make: pip, torch (from TORCH_INDEX when set), then the package alone (make demo) or
-    # with its test extra (make test).
+    # with its test extra (make test), and the real network's test data without their
+    # dependencies (make test).
     assert _install_steps(recipe, "$({})") == [
-        ("pip", ""), ("torch", "index"), ("package", "."), ("package", ".[test]")
+        ("pip", ""), ("torch", "index"), ("package", "."), ("package", ".[test]"),
+        ("other", "--quiet --no-deps $(REAL_NETWORK_DATA)"),
     ]
     # Image: the same steps; torch from a chosen (CUDA) index, the package without the test
     # extra (which brings the CPU onnxruntime) but with ONNX Runtime's CUDA build.

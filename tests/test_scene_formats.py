@@ -592,11 +592,11 @@ def test_a_scene_planned_as_geotiff_is_never_read_as_another_format(tmp_path: Pa
         target = SceneTarget(str(scene), FileIdentity.of(scene), str(tmp_path / "out"), "scene",
                              "run", False, allow_vrt=allow_vrt)
         if expected is None:
-            data, _, _ = _read(spec, target, tile)
+            data, _, _ = _read(spec, target, tile.window)
             assert np.array_equal(data, image()[:, :32, :32])
             continue
         with pytest.raises(SceneFormatError, match=expected) as caught:
-            _read(spec, target, tile)
+            _read(spec, target, tile.window)
         assert "\n" not in str(caught.value)
     write_photo(scene, "PNG")
     target = SceneTarget(str(scene), FileIdentity.of(scene), str(tmp_path / "out"), "scene",
