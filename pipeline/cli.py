@@ -524,8 +524,8 @@ def bench_planning(tiles: str, tile_size: int, workers: int, workdir: Path | Non
 @click.option("--tile-size", type=int, help="Tile size of (b), (c), (d) (default: what run picks).")
 @click.option("--workers", type=int,
               help="Workers of the run (default: --threads on cpu, 1 on cuda).")
-@click.option("--threads", type=int, help="torch threads, and workers x threads of the run "
-              "(default: the usable cores).")
+@click.option("--threads", type=int, help="torch and ONNX Runtime threads, and workers x "
+              "threads of the run (default: the usable cores).")
 @click.option("--repeats", default=3, show_default=True, help="Timed passes of (a), (b), (d).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--trust-spec-code", is_flag=True, help=TRUST_HELP)
@@ -542,7 +542,8 @@ def bench(model: str, size: int, tile_size: int | None, workers: int | None,
           arguments: tuple[str, ...],
           skip_run: bool, workdir: Path | None, as_json: bool, scaling: str | None) -> None:
     """Throughput of (a) the bare model, (b) exact tiling in memory, (c) run end to end and
-    (d) 25 percent overlap sliding windows, on one generated scene, with their ratios."""
+    (d) 25 percent overlap sliding windows, on one generated scene, with their ratios; and
+    ONNX Runtime against PyTorch on the same network (a torch one exported to ONNX)."""
     try:
         kwargs = _factory_arguments(arguments)  # before torch loads: a usage error is quick
     except ConfigError as exc:

@@ -44,6 +44,7 @@ import torch
 import yaml
 from torch import nn
 
+from pipeline.analysis import receptive_field
 from pipeline.benchmark import peak_tree_rss
 from pipeline.config import usable_cores
 from pipeline.errors import ConfigError, ModelAnalysisError, ModelError
@@ -108,9 +109,9 @@ class BenchModel:
 
     @property
     def tiles(self) -> bool:
-        """Tiles can be planned: a torch module (its field is analysed as it is tiled), or
-        an ONNX graph with a field or a declared halo."""
-        return self.module is not None or self.field is not None
+        """Tiles can be planned: the network's field is derived (a torch module's as it is
+        tiled, an ONNX graph's probed) or a halo is declared."""
+        return self.refused is None or self.halo is not None
 
     @property
     def scores(self) -> bool:
@@ -195,8 +196,13 @@ def load_bench_model(model: str, directory: Path, *, device: str = "cpu",
                           f"{max(spec.bands)}; the generated scenes have 3 bands")
     if spec.backend == ONNX:
         return _onnx_bench_model(model, spec, device, threads)
-    return BenchModel(model, spec, build_model(spec, device=device, trust_code=trust_code),
-                      device)
+    module = build_model(spec, device=device, trust_code=trust_code)
+    try:
+        receptive_field(module)
+    except ModelAnalysisError as exc:  # tiled with the spec's halo, else not at all
+        halo = Halo.of(spec.halo) if spec.halo is not None else None
+        return BenchModel(model, spec, module, device, halo=halo, refused=_one_line(exc))
+    return BenchModel(model, spec, module, device)
 
 
 def _onnx_bench_model(model: str, spec: ModelSpec, device: str, threads: int) -> BenchModel:
@@ -655,8 +661,8 @@ def _tiled_call(bench: BenchModel, image: np.ndarray, tile: int) -> Callable[[],
     """(b): the prediction core over ``image``: a torch module with its analysed field, a
     network with its probed field (or declared halo)."""
     if bench.module is not None:
-        module = bench.module
-        return lambda: predict_tiled(module, image, tile_size=tile)
+        module, declared = bench.module, bench.halo
+        return lambda: predict_tiled(module, image, tile_size=tile, halo=declared)
     assert bench.network is not None
     network, field, halo = bench.network, bench.field, bench.halo
     return lambda: predict_tiled(network, image, tile_size=tile, halo=halo, field=field)
@@ -665,7 +671,7 @@ def _tiled_call(bench: BenchModel, image: np.ndarray, tile: int) -> Callable[[],
 def _grid(bench: BenchModel, shape: tuple[int, ...], tile: int) -> Any:
     """The tiles :func:`_tiled_call` runs (to count them and their overhead)."""
     if bench.module is not None:
-        return plan_tiles(bench.module, (shape[0], shape[1], shape[2]), tile)[0]
+        return plan_tiles(bench.module, (shape[0], shape[1], shape[2]), tile, bench.halo)[0]
     from pipeline.grid import TileGrid
 
     assert bench.field is not None
