@@ -108,30 +108,39 @@ def main() -> None:
 @main.command()
 @click.argument("models", nargs=-1)
 @click.option("--tile-sizes", default=",".join(map(str, TILE_SIZES)), show_default=True,
-              help="Comma-separated tile sizes for the overhead columns.")
+              help="Comma-separated tile sizes for the overhead and memory figures.")
+@click.option("--halo", help="Declared halo in px, N or ROWS,COLS, for model specs (as run "
+              "--halo; over the spec's halo): what a model with global context would run with.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--trust-spec-code", is_flag=True, help=TRUST_HELP)
-def inspect(models: tuple[str, ...], tile_sizes: str, as_json: bool,
+def inspect(models: tuple[str, ...], tile_sizes: str, halo: str | None, as_json: bool,
             trust_spec_code: bool) -> None:
-    """Receptive field, stride, halo and overhead of built-in architectures or model specs.
+    """Back end, input and output shapes, receptive field, halo, overhead and memory per
+    tile size of built-in architectures or model specs, analysed as run analyses them.
 
     MODELS are built-in names (all of them when none is given), model spec files
-    (YAML, or STAC Items with the MLM extension), or demo.
+    (YAML, or STAC Items with the MLM extension), or demo. A model with global context
+    and no declared halo is reported (exit 0) with the analysis's reason.
     """
-    from pipeline.config import MAX_TILE
-    from pipeline.inspection import inspect_rows, render_table, rows_as_json
+    from pipeline.config import MAX_TILE, parse_halo
 
     try:
         sizes = tuple(int(s) for s in tile_sizes.split(",") if s.strip())
         if not sizes or not all(16 <= size <= MAX_TILE for size in sizes):
             raise ConfigError(f"--tile-sizes must be sizes from 16 to {MAX_TILE} px, got "
                               f"{tile_sizes!r}")
-        rows = inspect_rows(models, sizes, trust_code=trust_spec_code)
+        declared = parse_halo(halo, "--halo") if halo else None
     except PipelineError as exc:
         _fail_usage(exc)
     except ValueError as exc:
         _fail_usage(ConfigError(f"--tile-sizes must be comma-separated numbers of pixels "
                                 f"({exc})"))
+    from pipeline.inspection import inspect_rows, render_table, rows_as_json
+
+    try:
+        rows = inspect_rows(models, sizes, trust_code=trust_spec_code, halo=declared)
+    except PipelineError as exc:
+        _fail_usage(exc)
     click.echo(json.dumps(rows_as_json(rows, sizes), indent=2) if as_json
                else render_table(rows, sizes))
 
@@ -518,8 +527,8 @@ def bench_planning(tiles: str, tile_size: int, workers: int, workdir: Path | Non
 @click.option("--tile-size", type=int, help="Tile size of (b), (c), (d) (default: what run picks).")
 @click.option("--workers", type=int,
               help="Workers of the run (default: --threads on cpu, 1 on cuda).")
-@click.option("--threads", type=int, help="torch threads, and workers x threads of the run "
-              "(default: the usable cores).")
+@click.option("--threads", type=int, help="torch and ONNX Runtime threads, and workers x "
+              "threads of the run (default: the usable cores).")
 @click.option("--repeats", default=3, show_default=True, help="Timed passes of (a), (b), (d).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--trust-spec-code", is_flag=True, help=TRUST_HELP)
@@ -536,7 +545,8 @@ def bench(model: str, size: int, tile_size: int | None, workers: int | None,
           arguments: tuple[str, ...],
           skip_run: bool, workdir: Path | None, as_json: bool, scaling: str | None) -> None:
     """Throughput of (a) the bare model, (b) exact tiling in memory, (c) run end to end and
-    (d) 25 percent overlap sliding windows, on one generated scene, with their ratios."""
+    (d) 25 percent overlap sliding windows, on one generated scene, with their ratios; and
+    ONNX Runtime against PyTorch on the same network (a torch one exported to ONNX)."""
     try:
         kwargs = _factory_arguments(arguments)  # before torch loads: a usage error is quick
     except ConfigError as exc:

@@ -20,6 +20,7 @@ the real CLI in a subprocess, so this module needs no Dask.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -43,12 +44,23 @@ import torch
 import yaml
 from torch import nn
 
+from pipeline.analysis import receptive_field
 from pipeline.benchmark import peak_tree_rss
 from pipeline.config import usable_cores
-from pipeline.errors import ConfigError, ModelError
+from pipeline.errors import ConfigError, ModelAnalysisError, ModelError
 from pipeline.inference import activation_bytes, output_shape, plan_tiles, predict_tiled
-from pipeline.model import build_model, save_weights
-from pipeline.modelspec import ModelSpec, load_spec, normalize
+from pipeline.model import build_model, load_network, save_weights
+from pipeline.modelspec import (
+    LABELS,
+    ONNX,
+    ModelSpec,
+    load_spec,
+    normalize,
+    read_weights,
+    verify_weights,
+)
+from pipeline.networks import Network, OnnxNetwork, onnx_memory
+from pipeline.receptive import Halo, ReceptiveField
 from pipeline.samples import render, write_sample_scenes
 
 #: Input sizes tried for the raw ceiling (a), where memory allows.
@@ -72,16 +84,52 @@ Log = Callable[[str], Any]
 
 @dataclass(frozen=True)
 class BenchModel:
-    """The model under test: its spec (a file the CLI can load) and the network on a device."""
+    """The model under test: its spec (a file the CLI can load) and the network on a device.
+
+    ``module``: the torch module of a torch spec, else None; ``network``: the network the
+    prediction core runs (an ONNX graph's on ONNX Runtime with the bench's threads);
+    ``field`` and ``halo``: an ONNX spec's analysed field and declared halo
+    (:func:`pipeline.tiling.analyse_model`), ``field`` None when the analysis refused it
+    and no halo is declared (``refused`` then says why).
+    """
 
     name: str
     spec: ModelSpec
-    module: nn.Module
+    module: nn.Module | None
     device: str
+    network: Network | None = None
+    field: ReceptiveField | None = None
+    halo: Halo | None = None
+    refused: str | None = None
+    graph: bytes | None = None
 
     @property
     def channels(self) -> int:
         return len(self.spec.bands)
+
+    @property
+    def tiles(self) -> bool:
+        """Tiles can be planned: the network's field is derived (a torch module's as it is
+        tiled, an ONNX graph's probed) or a halo is declared."""
+        return self.refused is None or self.halo is not None
+
+    @property
+    def scores(self) -> bool:
+        """The network gives class scores (a label output has none to tile or average)."""
+        return self.network is None or self.network.signature.output != LABELS
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """The one input ``(rows, cols)`` the network takes, or None."""
+        return self.network.signature.window if self.network is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> the network's output (scores), on :attr:`device` for torch."""
+        if self.module is not None:
+            with torch.inference_mode():
+                return self.module(x)
+        assert self.network is not None
+        return self.network.forward(x.cpu().numpy())
 
 
 def write_builtin_spec(name: str, directory: Path, arguments: Mapping[str, Any] | None = None,
@@ -129,9 +177,10 @@ def write_builtin_spec(name: str, directory: Path, arguments: Mapping[str, Any] 
 
 def load_bench_model(model: str, directory: Path, *, device: str = "cpu",
                      arguments: Mapping[str, Any] | None = None,
-                     trust_code: bool = False) -> BenchModel:
+                     trust_code: bool = False, threads: int = 1) -> BenchModel:
     """``demo``, a spec path or a built-in architecture name (random weights, spec written
-    into ``directory``), built on ``device``; ``trust_code`` lets a spec's import path run."""
+    into ``directory``), built on ``device``; ``trust_code`` lets a spec's import path run;
+    ``threads``: ONNX Runtime's intra-op threads for an ONNX spec."""
     from pipeline.models import ARCHITECTURES
 
     if model in ARCHITECTURES and not Path(model).is_file():
@@ -145,8 +194,36 @@ def load_bench_model(model: str, directory: Path, *, device: str = "cpu",
     if max(spec.bands) > 3:
         raise ConfigError(f"{spec.source}: bands {list(spec.bands)} ask for band "
                           f"{max(spec.bands)}; the generated scenes have 3 bands")
-    return BenchModel(model, spec, build_model(spec, device=device, trust_code=trust_code),
-                      device)
+    if spec.backend == ONNX:
+        return _onnx_bench_model(model, spec, device, threads)
+    module = build_model(spec, device=device, trust_code=trust_code)
+    try:
+        receptive_field(module)
+    except ModelAnalysisError as exc:  # tiled with the spec's halo, else not at all
+        halo = Halo.of(spec.halo) if spec.halo is not None else None
+        return BenchModel(model, spec, module, device, halo=halo, refused=_one_line(exc))
+    return BenchModel(model, spec, module, device)
+
+
+def _onnx_bench_model(model: str, spec: ModelSpec, device: str, threads: int) -> BenchModel:
+    """An ONNX spec's graph on ONNX Runtime (``threads`` intra-op threads) and its field
+    as ``run`` analyses it; a refused field (global context, no halo) is kept as a reason."""
+    from pipeline.tiling import analyse_model
+
+    digest = verify_weights(spec)
+    network = load_network(spec, device=device, threads=threads)
+    try:
+        analysed = analyse_model(spec, digest)
+    except ModelAnalysisError as exc:
+        return BenchModel(model, spec, None, device, network, refused=_one_line(exc),
+                          graph=read_weights(spec))
+    return BenchModel(model, spec, None, device, network, analysed.field, analysed.declared,
+                      graph=analysed.graph)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc.__cause__ or exc).strip().splitlines()
+    return lines[0].split("; ", 1)[0] if lines else type(exc).__name__
 
 
 def model_input(bench: BenchModel, raw: np.ndarray) -> np.ndarray:
@@ -181,7 +258,12 @@ def _is_oom(exc: BaseException) -> bool:
 def fits(bench: BenchModel, shape: tuple[int, int]) -> bool:
     """Whether a forward pass on ``shape`` likely fits: twice the estimated activation peak
     within 60 % of free GPU memory, or 50 % of available RAM."""
-    need = 2 * activation_bytes(bench.module, (bench.channels, *shape))
+    if bench.module is not None:
+        need = 2 * activation_bytes(bench.module, (bench.channels, *shape))
+    else:
+        assert bench.graph is not None
+        need = 2 * sum(onnx_memory(bench.graph, (bench.channels, *shape), 1,
+                                   input_name=bench.spec.onnx_input))
     if bench.device.startswith("cuda"):
         free = torch.cuda.mem_get_info()[0] * 0.6
     else:
@@ -198,13 +280,14 @@ def raw_inputs(bench: BenchModel, sizes: Sequence[int]) -> dict[int, torch.Tenso
     Each is run once here (this is the warm-up); a size that runs out of memory is left out.
     """
     inputs: dict[int, torch.Tensor] = {}
+    if bench.window is not None:  # the network takes one input size (square here)
+        sizes = [bench.window[0]] if bench.window[0] == bench.window[1] else []
     for size in sizes:
         if not fits(bench, (size, size)):
             continue
         x = torch.randn(1, bench.channels, size, size, device=bench.device)
         try:
-            with torch.inference_mode():
-                bench.module(x)
+            bench(x)
         except RuntimeError as exc:  # OutOfMemoryError is a RuntimeError
             if not _is_oom(exc):
                 raise
@@ -216,8 +299,7 @@ def raw_inputs(bench: BenchModel, sizes: Sequence[int]) -> dict[int, torch.Tenso
 
 def _forward(bench: BenchModel, x: torch.Tensor) -> Callable[[], None]:
     def call() -> None:
-        with torch.inference_mode():
-            bench.module(x)
+        bench(x)
 
     return call
 
@@ -253,8 +335,7 @@ def interleaved_best(calls: Mapping[str, Callable[[], Any]], repeats: int,
 
 def whole_image(bench: BenchModel, image: np.ndarray) -> np.ndarray:
     """``model(image[None])[0]`` as a numpy array."""
-    with torch.inference_mode():
-        out = bench.module(torch.from_numpy(image)[None].to(bench.device))[0]
+    out = bench(torch.from_numpy(image)[None].to(bench.device))[0]
     return out.float().cpu().numpy()
 
 
@@ -284,7 +365,7 @@ def predict_sliding(bench: BenchModel, image: np.ndarray, window: int,
     with torch.inference_mode():
         for r in window_starts(rows, win[0], steps[0]):
             for c in window_starts(cols, win[1], steps[1]):
-                out = bench.module(tensor[None, :, r:r + win[0], c:c + win[1]])[0].float()
+                out = bench(tensor[None, :, r:r + win[0], c:c + win[1]])[0].float()
                 if total is None:
                     total = torch.zeros((out.shape[0], rows, cols), device=bench.device)
                 total[:, r:r + win[0], c:c + win[1]] += out
@@ -475,8 +556,15 @@ def throughput_benchmark(
     with tempfile.TemporaryDirectory(dir=workdir, prefix="fcn-throughput-") as tmp_name:
         tmp = Path(tmp_name)
         bench = load_bench_model(model, tmp / "model", device=device, arguments=arguments,
-                                 trust_code=trust_code)
+                                 trust_code=trust_code, threads=threads)
         out, command, reason = tmp / "out", None, "as given"
+        notes: list[str] = []
+        if not bench.tiles:  # run refuses it: no tiles without a field or a halo
+            notes.append(f"(b), (c): {bench.refused}; declare a halo (--halo PX or halo: in "
+                         "the spec) to tile it")
+            end_to_end = False
+            if tile_size is None:
+                tile_size, reason = min(size, RAW_SIZES[1]), "sliding windows only"
         if end_to_end or tile_size is None:
             t0 = time.perf_counter()
             scene = write_sample_scenes(tmp / "scene", size=size, count=1, seed=SCENE_SEED)[0].scene
@@ -492,11 +580,14 @@ def throughput_benchmark(
             "model": model, "device": device, "threads": threads, "size": size,
             "megapixels": size * size / 1e6, "tile_size": tile_size, "tile_reason": reason,
             "repeats": repeats, "workers": workers, "threads_per_worker": per_worker,
+            "backend": bench.spec.backend, "notes": notes,
         }
         monitor = GpuMonitor() if cuda else None
         gpu: dict[str, Any] = {}
         with torch_threads(threads):
             _in_memory(bench, result, gpu, monitor, raw_sizes, repeats, log)
+            result["runtimes"] = compare_runtimes(bench, [result["raw"]["best_size"]], threads,
+                                                  repeats, log)
         if end_to_end and command is not None:
             log(f"(c) {' '.join(command[2:])}")
             gpu["run"] = {}
@@ -514,22 +605,32 @@ def _in_memory(bench: BenchModel, result: dict[str, Any], gpu: dict[str, Any],
                monitor: GpuMonitor | None, raw_sizes: Sequence[int], repeats: int,
                log: Log) -> None:
     """Parts (a), (b) and (d), timed in interleaved rounds, and the deviations from
-    whole-image logits, into ``result``."""
+    whole-image logits, into ``result``; a part that does not apply to the model is None,
+    with a note saying why."""
     size, tile, device = result["size"], result["tile_size"], bench.device
+    notes: list[str] = result["notes"]
     inputs = raw_inputs(bench, raw_sizes)
     if not inputs:
         raise ModelError(f"{bench.name}: no raw size of {list(raw_sizes)} fits in memory")
     image = model_input(bench, render(SCENE_SEED, (0, size), (0, size), (size, size))[0])
-    start = time.perf_counter()
-    grid, _ = plan_tiles(bench.module, image.shape, tile)  # predict_tiled does this each call
-    planning = time.perf_counter() - start
     calls: dict[str, Callable[[], Any]] = {
         f"raw {k}": _forward(bench, x) for k, x in inputs.items()
     }
-    calls["tiled"] = lambda: predict_tiled(bench.module, image, tile_size=tile)
-    calls["sliding"] = lambda: predict_sliding(bench, image, tile)
-    log(f"(a) raw forward at {', '.join(map(str, inputs))} px, (b) predict_tiled on {len(grid)} "
-        f"tiles of {tile} px, (d) sliding {tile} px windows: {repeats} interleaved rounds")
+    if not bench.scores:
+        notes.append("(b), (d): the graph gives labels, not scores; tiles and windows are "
+                      "compared on scores")
+    tiled_call = _tiled_call(bench, image, tile) if bench.tiles and bench.scores else None
+    planning, tiles, overhead = 0.0, 0, 0.0
+    if tiled_call is not None:
+        start = time.perf_counter()
+        grid = _grid(bench, image.shape, tile)  # predict_tiled does this each call
+        planning, tiles, overhead = time.perf_counter() - start, len(grid), grid.overhead
+        calls["tiled"] = tiled_call
+    window = bench.window[0] if bench.window is not None else tile
+    if bench.scores:
+        calls["sliding"] = lambda: predict_sliding(bench, image, window)
+    log(f"(a) raw forward at {', '.join(map(str, inputs))} px, (b) predict_tiled on {tiles} "
+        f"tiles of {tile} px, (d) sliding {window} px windows: {repeats} interleaved rounds")
     with monitor.sample(gpu.setdefault("in_memory", {})) if monitor else nullcontext():
         timed = interleaved_best(calls, repeats, device)
     sizes = list(inputs)
@@ -539,47 +640,172 @@ def _in_memory(bench: BenchModel, result: dict[str, Any], gpu: dict[str, Any],
     best = max(speeds, key=speeds.__getitem__)
     result["raw"] = {"best_size": best, "mpx_per_s": speeds[best],
                      "by_size": {str(k): v for k, v in speeds.items()}}
-    tiled = timed["tiled"]["result"]
-    sliding, computed = timed["sliding"]["result"]
-    result["tiled"] = {"seconds": timed["tiled"]["seconds"], "tiles": len(grid),
-                       "halo_overhead": grid.overhead, "plan_seconds": planning}
-    result["sliding"] = {"seconds": timed["sliding"]["seconds"], "window": min(tile, size),
-                         "overlap": SLIDING_OVERLAP, "computed_ratio": computed / (size * size)}
+    result["tiled"] = None if "tiled" not in calls else {
+        "seconds": timed["tiled"]["seconds"], "tiles": tiles, "halo_overhead": overhead,
+        "plan_seconds": planning}
+    result["sliding"] = None if "sliding" not in calls else {
+        "seconds": timed["sliding"]["seconds"], "window": min(window, size),
+        "overlap": SLIDING_OVERLAP, "computed_ratio": timed["sliding"]["result"][1] / size**2}
     for part in ("tiled", "sliding"):
-        result[part]["mpx_per_s"] = size * size / result[part]["seconds"] / 1e6
+        if result[part] is not None:
+            result[part]["mpx_per_s"] = size * size / result[part]["seconds"] / 1e6
     if device.startswith("cuda"):
         for name in ("tiled", "sliding", f"raw {best}"):
-            gpu.setdefault(name.split()[0], {})["max_memory_allocated_bytes"] = int(
-                timed[name]["max_memory_allocated_bytes"])
+            if name in timed:
+                gpu.setdefault(name.split()[0], {})["max_memory_allocated_bytes"] = int(
+                    timed[name]["max_memory_allocated_bytes"])
+    _deviations(bench, result, image, timed, tiled_call, window, log)
 
+
+def _tiled_call(bench: BenchModel, image: np.ndarray, tile: int) -> Callable[[], np.ndarray]:
+    """(b): the prediction core over ``image``: a torch module with its analysed field, a
+    network with its probed field (or declared halo)."""
+    if bench.module is not None:
+        module, declared = bench.module, bench.halo
+        return lambda: predict_tiled(module, image, tile_size=tile, halo=declared)
+    assert bench.network is not None
+    network, field, halo = bench.network, bench.field, bench.halo
+    return lambda: predict_tiled(network, image, tile_size=tile, halo=halo, field=field)
+
+
+def _grid(bench: BenchModel, shape: tuple[int, ...], tile: int) -> Any:
+    """The tiles :func:`_tiled_call` runs (to count them and their overhead)."""
+    if bench.module is not None:
+        return plan_tiles(bench.module, (shape[0], shape[1], shape[2]), tile, bench.halo)[0]
+    from pipeline.grid import TileGrid
+
+    assert bench.field is not None
+    rows, cols = shape[1] // bench.field.stride[0], shape[2] // bench.field.stride[1]
+    return TileGrid.build((shape[1], shape[2]), (rows, cols), bench.field, tile, bench.halo,
+                          window=bench.window)
+
+
+def _deviations(bench: BenchModel, result: dict[str, Any], image: np.ndarray,
+                timed: Mapping[str, Mapping[str, Any]],
+                tiled_call: Callable[[], np.ndarray] | None, window: int, log: Log) -> None:
+    """The largest deviation of (b) and (d) from whole-image logits, on the largest crop
+    that fits; None (with a note) where the network cannot take the whole image."""
+    size = result["size"]
+    result["deviation_crop"], result["whole_logit_range"] = None, None
+    if not bench.scores:
+        return
+    if bench.window is not None:
+        result["notes"].append(f"deviations: the graph takes only {bench.window[0]}x"
+                               f"{bench.window[1]} px windows, so there is no whole-image "
+                               "output to compare with")
+        return
     crop = deviation_crop(bench, size)
     log(f"deviation from whole-image logits on {crop}x{crop} px")
+    tiled = timed["tiled"]["result"] if tiled_call is not None else None
+    sliding = timed["sliding"]["result"][0]
     if crop < size:
         image = np.ascontiguousarray(image[:, :crop, :crop])
-        tiled = predict_tiled(bench.module, image, tile_size=tile)
-        sliding, _ = predict_sliding(bench, image, tile)
+        tiled = _tiled_call(bench, image, result["tile_size"])() if tiled_call else None
+        sliding, _ = predict_sliding(bench, image, window)
     whole = whole_image(bench, image)
     result["deviation_crop"] = crop
-    result["tiled"]["max_abs_deviation"] = _max_abs(tiled, whole)
+    if tiled is not None:
+        result["tiled"]["max_abs_deviation"] = _max_abs(tiled, whole)
     result["sliding"]["max_abs_deviation"] = _max_abs(sliding, whole)
     result["whole_logit_range"] = [float(whole.min()), float(whole.max())]
 
 
+# --------------------------------------------------------------------------- runtimes
+
+#: Why an ONNX spec is timed on ONNX Runtime only.
+NO_TORCH_VERSION = ("no PyTorch version of an ONNX graph here (converting one needs "
+                    "onnx2torch, which pulls torchvision)")
+
+
+def export_onnx(module: nn.Module, channels: int, *, opset: int = 17) -> bytes:
+    """``module`` as an ONNX graph, in memory: input ``x`` ``(N, channels, H, W)`` with N,
+    H and W dynamic, output ``y``; torch's TorchScript-based exporter (``dynamo=False``),
+    its deprecation and tracer warnings silenced.
+
+    Raises:
+        ModelError: the exporter fails (one line).
+    """
+    device = next((t.device for t in module.parameters()), torch.device("cpu"))
+    example = torch.rand(1, channels, 64, 64, device=device)
+    axes = {"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n"}}
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # the TorchScript exporter writes to a file object; torch's stubs name paths only
+            torch.onnx.export(module.eval(), (example,), buffer,  # type: ignore[arg-type]
+                              dynamo=False,
+                              opset_version=opset, input_names=["x"], output_names=["y"],
+                              dynamic_axes=axes)
+    except Exception as exc:  # the exporter fails in many ways on user models
+        raise ModelError(f"the network could not be exported to ONNX: {_one_line(exc)}") \
+            from None
+    return buffer.getvalue()
+
+
+def compare_runtimes(bench: BenchModel, sizes: Sequence[int], threads: int, repeats: int,
+                     log: Log) -> dict[str, Any]:
+    """ONNX Runtime against PyTorch on the same network and the same windows: a torch
+    module is exported to ONNX in memory (:func:`export_onnx`) and both runtimes are timed
+    in interleaved rounds with ``threads`` threads (best of ``repeats``); an ONNX graph is
+    timed on ONNX Runtime only (:data:`NO_TORCH_VERSION`).
+
+    Returns:
+        ``window`` (px a side), ``threads``, ``torch`` and ``onnxruntime`` (Mpx/s, None
+        where not timed), their ``per_core`` figures (Mpx/s per thread), the ratio
+        ``onnxruntime_over_torch`` and a ``note`` where a runtime is missing.
+    """
+    figures: dict[str, Any] = {"window": None, "threads": threads, "torch": None,
+                               "onnxruntime": None, "onnxruntime_over_torch": None,
+                               "note": None}
+    inputs = raw_inputs(bench, sizes)
+    if not inputs:
+        figures["note"] = "no window size fits in memory"
+        return figures
+    size = max(inputs)
+    x = inputs[size]
+    figures["window"] = size
+    calls: dict[str, Callable[[], Any]] = {}
+    if bench.module is not None:
+        calls["torch"] = _forward(bench, x)
+        try:
+            graph = export_onnx(bench.module, bench.channels)
+            ort: Network = OnnxNetwork(graph, device=bench.device, threads=threads,
+                                       source=f"{bench.name} exported to ONNX")
+        except ModelError as exc:
+            figures["note"] = str(exc)
+        else:
+            array = x.cpu().numpy()
+            calls["onnxruntime"] = lambda: ort.forward(array)
+    else:
+        figures["note"] = NO_TORCH_VERSION
+        calls["onnxruntime"] = _forward(bench, x)
+    log(f"runtimes: {' and '.join(calls)} on {size}x{size} px windows, {threads} threads")
+    timed = interleaved_best(calls, repeats, bench.device)
+    for name in calls:
+        figures[name] = size * size / timed[name]["seconds"] / 1e6
+    figures["per_core"] = {name: figures[name] / threads if figures[name] else None
+                           for name in ("torch", "onnxruntime")}
+    if figures["torch"] and figures["onnxruntime"]:
+        figures["onnxruntime_over_torch"] = figures["onnxruntime"] / figures["torch"]
+    return figures
+
+
 def ratios(result: Mapping[str, Any]) -> dict[str, float | None]:
     """(c)/(a), (b)/(a), (c)/(d), (b)/(d) of the Mpx/s figures, and (c) on the run's own
-    time (without start-up and shutdown) over (a) and (d); None where (c) did not run."""
+    time (without start-up and shutdown) over (a) and (d); None where a part did not run."""
     raw = result["raw"]["mpx_per_s"]
-    tiled = result["tiled"]["mpx_per_s"]
-    sliding = result["sliding"]["mpx_per_s"]
+    tiled = (result.get("tiled") or {}).get("mpx_per_s")
+    sliding = (result.get("sliding") or {}).get("mpx_per_s")
     run = (result.get("run") or {}).get("mpx_per_s")
     scene = (result.get("run") or {}).get("scene_mpx_per_s")
     return {
         "run_over_raw": run / raw if run else None,
         "run_scene_over_raw": scene / raw if scene else None,
-        "tiled_over_raw": tiled / raw,
-        "run_over_sliding": run / sliding if run else None,
-        "run_scene_over_sliding": scene / sliding if scene else None,
-        "tiled_over_sliding": tiled / sliding,
+        "tiled_over_raw": tiled / raw if tiled else None,
+        "run_over_sliding": run / sliding if run and sliding else None,
+        "run_scene_over_sliding": scene / sliding if scene and sliding else None,
+        "tiled_over_sliding": tiled / sliding if tiled and sliding else None,
     }
 
 
@@ -594,24 +820,35 @@ def _mib(value: Any) -> str:
     return value if isinstance(value, str) else f"{value / 2**20:.0f} MiB"
 
 
+def _deviation(part: Mapping[str, Any], crop: int | None) -> str:
+    value = part.get("max_abs_deviation")
+    return "" if value is None else f"; max |dev| {value:.2g} on {crop} px"
+
+
 def render_throughput(result: Mapping[str, Any]) -> str:
-    """The benchmark as a table, with ratios, memory and (on CUDA) GPU figures."""
+    """The benchmark as a table, with ratios, runtimes, memory and (on CUDA) GPU figures;
+    a part that did not apply says so (the notes say why)."""
     raw, tiled, sliding, run = result["raw"], result["tiled"], result["sliding"], result["run"]
     ratio = result["ratios"]
     crop = result["deviation_crop"]
     lines = [
-        f"{result['model']} on {result['device']}, {result['threads']} threads; scene "
-        f"{result['size']}x{result['size']} ({result['megapixels']:.1f} Mpx); tile "
-        f"{result['tile_size']} px ({result['tile_reason']})",
+        f"{result['model']} ({result.get('backend', 'torch')}) on {result['device']}, "
+        f"{result['threads']} threads; scene {result['size']}x{result['size']} "
+        f"({result['megapixels']:.1f} Mpx); tile {result['tile_size']} px "
+        f"({result['tile_reason']})",
         f"{'part':<34} {'Mpx/s':>8} {'seconds':>8} {'x raw':>6}  notes",
         "-" * 100,
         f"{'(a) raw forward, in memory':<34} {raw['mpx_per_s']:>8.2f} {'':>8} {1:>6.2f}  "
         f"best at {raw['best_size']} px; no I/O, no halo",
-        f"{'(b) exact tiled, in memory':<34} {tiled['mpx_per_s']:>8.2f} {tiled['seconds']:>8.2f} "
-        f"{ratio['tiled_over_raw']:>6.2f}  {tiled['tiles']} tiles, halo overhead "
-        f"{tiled['halo_overhead']:.3f}; planning {tiled['plan_seconds']:.2f} s a call; max |dev| "
-        f"{tiled['max_abs_deviation']:.2g} on {crop} px",
     ]
+    if tiled:
+        lines.append(
+            f"{'(b) exact tiled, in memory':<34} {tiled['mpx_per_s']:>8.2f} "
+            f"{tiled['seconds']:>8.2f} {ratio['tiled_over_raw']:>6.2f}  {tiled['tiles']} tiles, "
+            f"halo overhead {tiled['halo_overhead']:.3f}; planning {tiled['plan_seconds']:.2f} "
+            f"s a call{_deviation(tiled, crop)}")
+    else:
+        lines.append(f"{'(b) exact tiled, in memory':<34} {'n/a':>8}  (see the notes)")
     if run:
         failed = "" if run["exit_code"] == 0 else f" EXIT {run['exit_code']};"
         lines.append(
@@ -628,21 +865,29 @@ def render_throughput(result: Mapping[str, Any]) -> str:
                 f"{work['model']:.1f}, write {work['write']:.1f}, publish {work['publish']:.1f}")
     else:
         lines.append(f"{'(c) fcn-pipeline run, end to end':<34} {'skipped':>8}")
+    if sliding:
+        lines.append(
+            f"{'(d) sliding windows, 25 % overlap':<34} {sliding['mpx_per_s']:>8.2f} "
+            f"{sliding['seconds']:>8.2f} {sliding['mpx_per_s'] / raw['mpx_per_s']:>6.2f}  "
+            f"window {sliding['window']} px, {sliding['computed_ratio']:.3f} px computed per px"
+            f"{_deviation(sliding, crop)}")
+    else:
+        lines.append(f"{'(d) sliding windows, 25 % overlap':<34} {'n/a':>8}  (see the notes)")
     lines += [
-        f"{'(d) sliding windows, 25 % overlap':<34} {sliding['mpx_per_s']:>8.2f} "
-        f"{sliding['seconds']:>8.2f} {sliding['mpx_per_s'] / raw['mpx_per_s']:>6.2f}  "
-        f"window {sliding['window']} px, {sliding['computed_ratio']:.3f} px computed per px; "
-        f"max |dev| {sliding['max_abs_deviation']:.2g} on {crop} px",
         f"ratios: (c)/(a) {_fmt(ratio['run_over_raw'])} (run's own time "
         f"{_fmt(ratio['run_scene_over_raw'])})  (b)/(a) {_fmt(ratio['tiled_over_raw'])}  "
         f"(c)/(d) {_fmt(ratio['run_over_sliding'])} (run's own time "
         f"{_fmt(ratio['run_scene_over_sliding'])})  (b)/(d) {_fmt(ratio['tiled_over_sliding'])}",
         "raw by input size: " + ", ".join(f"{k} px {v:.2f}" for k, v in raw["by_size"].items())
         + " Mpx/s",
-        f"whole-image logits range {result['whole_logit_range'][0]:.3g} .. "
-        f"{result['whole_logit_range'][1]:.3g}; peak RSS of this process (a, b, d) "
-        f"{_mib(result['process_peak_rss_bytes'])}",
     ]
+    lines += _render_runtimes(result.get("runtimes"))
+    logits = result["whole_logit_range"]
+    where = (f"whole-image logits range {logits[0]:.3g} .. {logits[1]:.3g}; " if logits
+             else "")
+    lines.append(f"{where}peak RSS of this process (a, b, d) "
+                 f"{_mib(result['process_peak_rss_bytes'])}")
+    lines += [f"note: {note}" for note in result.get("notes", [])]
     gpu = result["gpu"]
     if isinstance(gpu, Mapping):
         for part, figures in gpu.items():
@@ -686,6 +931,22 @@ def scaling_benchmark(model: str = "demo", *, size: int = 4096, workers: Sequenc
             row[f"{key}_efficiency"] = (
                 value / (first * row["workers"] / base["workers"]) if first and value else None)
     return rows
+
+
+def _render_runtimes(runtimes: Mapping[str, Any] | None) -> list[str]:
+    """The runtime comparison's lines (none when it was not made)."""
+    if not runtimes:
+        return []
+    per_core = runtimes.get("per_core") or {}
+    parts = [f"{name} {runtimes[name]:.2f} Mpx/s ({per_core[name]:.2f} per core)"
+             for name in ("torch", "onnxruntime") if runtimes.get(name)]
+    window = runtimes["window"]
+    head = (f"runtimes on {window}x{window} px windows, {runtimes['threads']} threads: "
+            if window else "runtimes: ")
+    line = head + ("; ".join(parts) or "not timed")
+    if runtimes.get("onnxruntime_over_torch"):
+        line += f"; ONNX Runtime / PyTorch {runtimes['onnxruntime_over_torch']:.2f}"
+    return [line] + ([f"runtimes: {runtimes['note']}"] if runtimes.get("note") else [])
 
 
 def render_scaling(rows: Sequence[Mapping[str, Any]], size: int) -> str:

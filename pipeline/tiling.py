@@ -71,6 +71,8 @@ class AnalysedModel:
     #: Windows must be congruent to the scene's length modulo ``align``: the network's
     #: padding depends on its input's length (:meth:`pipeline.grid.TileGrid.congruent`).
     congruent: bool = False
+    #: Why the analysis refused to derive the field, when a declared halo stands in.
+    refused: str | None = None
 
     @property
     def exact(self) -> bool:
@@ -135,7 +137,8 @@ def analyse_model(spec: ModelSpec, sha256: str, *, trust_code: bool = False,
         if declared is None:
             raise _needs_halo(spec, exc) from exc
         field = _pointwise(output_shape(module, (len(spec.bands), 256, 256)), (256, 256))
-        return AnalysedModel(spec, sha256, field, network, DECLARED, declared, module)
+        return AnalysedModel(spec, sha256, field, network, DECLARED, declared, module,
+                             refused=str(exc))
     return AnalysedModel(spec, sha256, field, network, ANALYSED,
                          _larger(declared, field), module)
 
@@ -154,7 +157,7 @@ def _analyse_graph(spec: ModelSpec, sha256: str, declared: Halo | None) -> Analy
         out = network.forward(np.zeros((1, len(spec.bands), *shape), np.float32)).shape
         scores = out[1:] if len(out) == 4 else (1, *out[1:])
         return AnalysedModel(spec, sha256, _pointwise(tuple(scores), shape), network, DECLARED,
-                             declared, graph=graph)
+                             declared, graph=graph, refused=str(exc))
     return AnalysedModel(spec, sha256, probed.field, network, PROBED,
                          _larger(declared, probed.field), graph=graph,
                          congruent=probed.size_dependent_padding)

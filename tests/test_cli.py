@@ -24,12 +24,13 @@ def test_inspect_reproduces_the_paper_table_and_prints_overheads() -> None:
     result = CliRunner().invoke(main, ["inspect", "fcn8s-vgg16", "fcn-alexnet"])
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line.split() for line in result.output.splitlines()[2:4]}
-    # model, RF, stride, coarse RF/stride, align, halo, overhead at 512, 1024, 2048
-    assert lines["fcn8s-vgg16"][3] == "404/32"
-    assert lines["fcn-alexnet"][3] == "355/32"
-    assert lines["fcn8s-vgg16"][1:3] == ["491", "1"]
-    assert lines["fcn8s-vgg16"][5] == "224/224"
-    overheads = [float(v) for v in lines["fcn8s-vgg16"][6:9]]
+    # model, back end, field, RF, stride, coarse RF/stride, align, halo, overhead at 512, 1024,
+    # 2048
+    assert lines["fcn8s-vgg16"][5] == "404/32"
+    assert lines["fcn-alexnet"][5] == "355/32"
+    assert lines["fcn8s-vgg16"][1:5] == ["torch", "analysed", "491", "1"]
+    assert lines["fcn8s-vgg16"][7] == "224/224"
+    overheads = [float(v) for v in lines["fcn8s-vgg16"][8:11]]
     assert overheads == sorted(overheads, reverse=True) and overheads[-1] > 1.0
 
 
