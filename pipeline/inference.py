@@ -119,6 +119,7 @@ def predict_tiled(
     fill: float | Sequence[float] = 0.0,
     field: ReceptiveField | None = None,
     stitch: str = CROP,
+    congruent: bool = False,
 ) -> np.ndarray:
     """What ``model(filled[None])[0]`` returns, computed tile by tile through the
     prediction core (:class:`pipeline.prediction.Predictor`) that runs also inside the
@@ -150,6 +151,8 @@ def predict_tiled(
         fill: The value invalid pixels get, one float or ``C`` floats.
         field: The geometry of a :class:`Network` (ignored for a torch module).
         stitch: ``crop`` (exact with the derived halo) or ``blend`` (weighted overlap).
+        congruent: The network's padding depends on its input's length (as probed):
+            windows are kept congruent to the image's (:meth:`TileGrid.congruent`).
 
     Returns:
         ``(K, H', W')`` array of the model's output dtype.
@@ -176,6 +179,8 @@ def predict_tiled(
     else:
         network = model
         grid = _network_grid(network, shape, tile_size, halo, field)
+        if congruent:
+            grid = grid.congruent()
         classes = network.signature.classes or 0
     array = tensor.cpu().numpy()
     fills = np.broadcast_to(np.asarray(fill, dtype=array.dtype).reshape(-1), (shape[0],))

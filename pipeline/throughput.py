@@ -102,6 +102,8 @@ class BenchModel:
     halo: Halo | None = None
     refused: str | None = None
     graph: bytes | None = None
+    #: The graph's padding depends on its input's length: windows kept congruent.
+    congruent: bool = False
 
     @property
     def channels(self) -> int:
@@ -218,7 +220,7 @@ def _onnx_bench_model(model: str, spec: ModelSpec, device: str, threads: int) ->
         return BenchModel(model, spec, None, device, network, refused=_one_line(exc),
                           graph=read_weights(spec))
     return BenchModel(model, spec, None, device, network, analysed.field, analysed.declared,
-                      graph=analysed.graph)
+                      graph=analysed.graph, congruent=analysed.congruent)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -665,7 +667,8 @@ def _tiled_call(bench: BenchModel, image: np.ndarray, tile: int) -> Callable[[],
         return lambda: predict_tiled(module, image, tile_size=tile, halo=declared)
     assert bench.network is not None
     network, field, halo = bench.network, bench.field, bench.halo
-    return lambda: predict_tiled(network, image, tile_size=tile, halo=halo, field=field)
+    return lambda: predict_tiled(network, image, tile_size=tile, halo=halo, field=field,
+                                 congruent=bench.congruent)
 
 
 def _grid(bench: BenchModel, shape: tuple[int, ...], tile: int) -> Any:

@@ -223,3 +223,23 @@ def test_a_fixed_size_network_with_global_context_has_its_deviation_measured(
         assert exactness["max_abs_deviation"] is not None and exactness["max_abs_deviation"] > 0
         found[halo] = exactness["region"]
     assert found[4][2:] == [56, 56] and found[16][2:] == [32, 32], found
+
+
+def test_predict_tiled_keeps_windows_congruent_for_length_dependent_padding() -> None:
+    """Keras-style "same" padding: with ``congruent=True`` the tiles of an odd-sized image
+    equal the whole image; without, they do not (the probe's flag matters).
+
+    Teeth: predict_tiled() ignoring ``congruent``: the first comparison fails."""
+    from pipeline.networks import OnnxNetwork
+    from pipeline.probing import probe_onnx
+
+    graph = exported("keras_same")
+    network = OnnxNetwork(graph)
+    probed = probe_onnx(graph)
+    assert probed.size_dependent_padding
+    image = np.random.default_rng(5).random((3, 67, 53), dtype=np.float32)
+    whole = network.forward(image[None]).numpy()[0]
+    tiled = predict_tiled(network, image, tile_size=16, field=probed.field, congruent=True)
+    np.testing.assert_allclose(tiled, whole, atol=1e-4)
+    loose = predict_tiled(network, image, tile_size=16, field=probed.field)
+    assert np.abs(loose - whole).max() > 1e-3
