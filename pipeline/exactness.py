@@ -145,6 +145,11 @@ def measure(network: Network, field: ReceptiveField, halo: Halo, tile_size: int,
         return read(Box(window.rows.shift(origin[0]), window.cols.shift(origin[1])))
 
     tiled = TileGrid.build(shape, shape, field, tile_size, halo)
+    if len(tiled) == 1 and shape != scene_shape:
+        return Exactness(False, method, pair, None, None,
+                         (region.rows.start, region.cols.start, shape[0], shape[1]),
+                         f"the {shape[1]}x{shape[0]} px sample region holds no seam between "
+                         f"{tile_size} px tiles; use smaller tiles to see the deviation")
     whole = TileGrid.build(shape, shape, field, shape, Halo((0, 0), (0, 0)))
     got = _stitched(Predictor(network, tiled, stitch=stitch, **options), tiled, relative)
     want = _stitched(Predictor(network, whole, **options), whole, relative)

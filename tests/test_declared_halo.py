@@ -266,3 +266,30 @@ def test_blend_weights_are_positive_and_full_away_from_inner_edges(
         inner_after = stop < scene and stop - start - 1 - k < after
         if not inner_before and not inner_after:
             assert w == 1.0
+
+
+def test_a_sample_region_without_a_seam_is_not_reported_as_exact() -> None:
+    """Tiles larger than the sample region leave no seam to measure: the deviation is
+    None with the reason, never a misleading 0.
+
+    Teeth: the one-tile check removed from measure(): it reports 0.0."""
+    from pipeline.exactness import measure
+    from pipeline.receptive import Halo
+
+    torch.manual_seed(0)
+    network = TorchNetwork(se().eval())
+    field = ReceptiveField(size=(1, 1), stride=(1, 1), offset=(0, 0), align=(1, 1))
+    image = np.random.default_rng(0).random((3, 600, 600), dtype=np.float32)
+
+    def read(window: Box) -> tuple[np.ndarray, None]:
+        rows, cols = window.slices()
+        return image[:, rows, cols], None
+
+    region = Box(Span(150, 450), Span(150, 450))
+    found = measure(network, field, Halo.of(8), 512, region, read, classes=3,
+                    fill=np.zeros(3, np.float32), stitch="crop", scene_shape=(600, 600))
+    assert found.max_abs_deviation is None and found.labels_changed is None
+    assert found.note is not None and "no seam" in found.note
+    seams = measure(network, field, Halo.of(8), 128, region, read, classes=3,
+                    fill=np.zeros(3, np.float32), stitch="crop", scene_shape=(600, 600))
+    assert seams.max_abs_deviation is not None and seams.max_abs_deviation > 0
