@@ -67,12 +67,12 @@ def fingerprint_values(plan: ScenePlan, scene_sha256: str | None, spec: ModelSpe
 #: Fingerprint values by what they are to a user, for the reason of a refusal.
 _WHAT = {"scene_sha256": "input", "shape": "input", "model_sha256": "model",
          "model_name": "model", "spec": "model spec", "tile_shape": "tile size",
-         "halo": "tile size", "probabilities": "settings", "device": "settings",
+         "halo": "halo", "probabilities": "settings", "device": "settings",
          "precision": "settings", "stitch": "settings"}
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What differs between two fingerprints' values, in words ("input", "tile size",
+    """What differs between two fingerprints' values, in words ("input", "tile size", "halo",
     "settings (precision)")."""
     new = json.loads(json.dumps(new, default=str))  # as stored: tuples become lists
     found: list[str] = []

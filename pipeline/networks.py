@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 #: What to install for each ONNX Runtime flavour.
 ONNX_INSTALL = "pip install 'fcn-pipeline[onnx]'"
 ONNX_CUDA_INSTALL = "pip install 'fcn-pipeline[onnx-cuda]'"
+#: The largest fixed input window, px a side, a graph may declare: its receptive field is
+#: probed on a few such windows in memory before the memory budget can be checked.
+MAX_WINDOW = 4096
 #: Input dtypes a network may take: the float32 windows are cast to them.
 INPUT_DTYPES = ("float32", "float16", "float64")
 
@@ -312,7 +315,8 @@ def onnx_signature(session: Any, *, input_name: str | None = None,
     Raises:
         ModelError: one line naming the tensors: several inputs or outputs and no name
             picking one, a name the graph lacks, another input the graph needs, an input
-            that is not a float ``(N, C, H, W)`` with a static ``C``, an output neither
+            that is not a float ``(N, C, H, W)`` with a static ``C`` (and ``H``, ``W`` at
+            most :data:`MAX_WINDOW` where static), an output neither
             layout fits or that contradicts ``output``.
     """
     inputs = _tensors(session.get_inputs())
@@ -334,6 +338,10 @@ def onnx_signature(session: Any, *, input_name: str | None = None,
         raise ModelError(f"{source}: input {picked.text} fixes one spatial dim only; export "
                          "it with both H and W fixed, or both dynamic")
     window = (rows, cols) if rows is not None and cols is not None else None
+    if window is not None and max(window) > MAX_WINDOW:
+        raise ModelError(f"{source}: input {picked.text} fixes its windows to {cols}x{rows} px "
+                         f"(width x height), more than the {MAX_WINDOW} px a side this tool "
+                         "runs; export it with dynamic or smaller H and W")
     out = _pick(_tensors(session.get_outputs()), output_name, "output", source)
     layout, classes = _layout(out, output, source)
     return NetworkSignature("onnx", channels, window, layout, classes, picked.name, out.name,

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.errors import ConfigError
 from pipeline.grid import Tile, TileGrid
 from pipeline.overviews import COG_BLOCKSIZE, overview_factors, tile_levels
-from pipeline.receptive import ReceptiveField, align_up
+from pipeline.receptive import Halo, ReceptiveField, align_up
 from pipeline.scene import SceneInfo
 
 #: Characters kept in output names: Unicode letters and digits, ``_``, ``.`` and ``-``.
@@ -136,11 +136,13 @@ class MemoryEstimate:
 
 
 def describe(plans: list[ScenePlan], field: ReceptiveField, memory: MemoryEstimate,
-             batch_size: int, choice: TileChoice, method: str = "analysed") -> str:
+             batch_size: int, choice: TileChoice, method: str = "analysed",
+             halo: Halo | None = None) -> str:
     """The dry-run text: tiles, halo, overhead and memory, per scene and in total.
     ``method``: how the field is known (analysed, probed, or declared: a halo declared
-    for a model with global context)."""
-    halo = plans[0].grid.halo if plans else field.halo()
+    for a model with global context); ``halo``: the one the tiles use (default: the
+    field's), shown when no scene is planned."""
+    halo = plans[0].grid.halo if plans else (halo or field.halo())
     geometry = (f"receptive field {field.size[0]}x{field.size[1]} px ({method}), stride "
                 f"{field.stride[0]}, windows aligned to {field.align[0]} px")
     if method == "declared":

@@ -397,6 +397,13 @@ def _stride(real: _Runner, window: Pair | None) -> Pair:
                 f"{sizes} pixels give {outs} cells (the output must be at the input's "
                 "resolution or an integer stride coarser)")
         stride.append(grow_in // grow_out)
+    for k in (0, 1):
+        if outs[0][k] * stride[k] != sizes[0][k]:
+            raise ModelAnalysisError(
+                f"the ONNX model gives {tuple(outs[0])} cells for a {sizes[0]} px input at "
+                f"stride {tuple(stride)}: its output does not cover the input (unpadded "
+                "convolutions crop the borders?); pad in the model so that every pixel gets "
+                "an output")
     return stride[0], stride[1]
 
 

@@ -235,7 +235,7 @@ def run(config: RunConfig, *, dry_run: bool = False,
     memory = check_task_memory(plans, model, config, device, tiling.choice.size)
     _exactness(scenes, results, model, config, tiling.choice.size, checked.out_dir)
     plan_text = describe(plans, model.field, memory, config.batch_size, tiling.choice,
-                         model.method)
+                         model.method, model.halo)
     plan_text += "\n" + "\n".join(action_line(r.stem, r.action, r.error) for r in results)
     plan_text += "".join(f"\n{r.stem}: {r.exactness['summary']}" for r in results
                          if r.exactness and not r.exactness["exact"])

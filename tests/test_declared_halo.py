@@ -139,6 +139,28 @@ def test_the_spec_declares_a_halo_and_the_option_overrides_it(tmp_path: Path) ->
 
 
 @pytest.mark.slow
+def test_a_rerun_with_another_halo_is_refused_naming_the_halo(tmp_path: Path) -> None:
+    """Published with ``--halo 4``, the same command skips; with ``--halo 8`` it is
+    refused, the reason names the halo (the setting the user changed) and the dry run's
+    plan shows the halo asked for.
+
+    Teeth: _WHAT mapping "halo" to "tile size" (as before): the reason names the tile size,
+    which did not change; describe() showing the field's halo when no scene is planned:
+    the plan says 0x0 px."""
+    spec, scene, out = _spec(tmp_path, se, "se"), _scene(tmp_path), tmp_path / "out"
+    done = _cli("run", str(scene), "--model", str(spec), "--trust-spec-code", "--out",
+                str(out), "--tile-size", "64", "--halo", "4")
+    assert done.returncode == 0, done.stderr
+    assert _plan(scene, spec, out, "--halo", "4")["scenes"][0]["action"] == "skip"
+    done = _cli("run", str(scene), "--model", str(spec), "--trust-spec-code", "--out",
+                str(out), "--tile-size", "64", "--halo", "8", "--dry-run")
+    assert done.returncode == 2, done.stderr
+    assert "scene: refused: outputs made with other halo (--overwrite replaces it)" in \
+        done.stdout, done.stdout
+    assert "halo before 8x8 px, after 8x8 px (rows x cols)" in done.stdout, done.stdout
+
+
+@pytest.mark.slow
 def test_a_run_records_its_exactness_and_blends_on_request(tmp_path: Path) -> None:
     """run.json ``scenes[].exactness`` for a declared halo (crop, then blend) and for an
     exact model; the summary names the deviation.

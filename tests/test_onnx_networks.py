@@ -29,6 +29,7 @@ from pipeline.errors import ModelError, ModelSpecError
 from pipeline.model import cached_network, clear_model_cache, load_network, save_weights
 from pipeline.modelspec import LABELS, SCORES, file_sha256, load_spec, parse_spec
 from pipeline.networks import (
+    MAX_WINDOW,
     NetworkSignature,
     OnnxNetwork,
     TorchNetwork,
@@ -425,6 +426,32 @@ def test_an_onnx_graph_that_does_not_take_the_specs_bands_is_refused_before_the_
                      "([1, 2, 3]); list 4 scene bands in bands"], lines
     assert not (tmp_path / "out").exists()
     assert took < 10, took
+
+
+def test_a_graph_fixing_a_huge_window_is_refused_before_anything_is_allocated(
+        tmp_path: Path) -> None:
+    """`run --halo 4` with a graph whose input and output declare 1x3x100000x100000 (a
+    112 GiB window): exit 2, one line naming the spec, the tensor and the limit.
+
+    Teeth: onnx_signature() without the MAX_WINDOW check: the declared halo lets the
+    analysis run the network on one zero window, and numpy's MemoryError reaches the
+    terminal as a traceback.
+    """
+    spec = write_onnx_spec(tmp_path / "model", tiny(3, 3))
+    model = onnx.load_from_string(onnx_bytes(tiny(3, 3), 3, window=(64, 64)))
+    for value in (*model.graph.input, *model.graph.output):
+        for dim in value.type.tensor_type.shape.dim[2:]:
+            dim.dim_value = 100_000
+    (spec.parent / "model.onnx").write_bytes(model.SerializeToString())
+    scene = write_scene(tmp_path / "scene.tif")
+    done = cli("run", str(scene), "--out", str(tmp_path / "out"), "--model", str(spec),
+               "--halo", "4")
+    assert done.returncode == 2, done.stderr
+    assert other_lines(done.stderr) == [
+        f"error: {spec}: weights model.onnx: input x float32 (n, 3, 100000, 100000) fixes its "
+        f"windows to 100000x100000 px (width x height), more than the {MAX_WINDOW} px a side "
+        "this tool runs; export it with dynamic or smaller H and W"], done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_graph_tensors_a_spec_picks_enter_its_fingerprint(tmp_path: Path) -> None:

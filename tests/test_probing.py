@@ -200,6 +200,18 @@ def test_position_dependent_fixed_window_is_refused() -> None:
         probe_onnx(onnx_bytes(Positional().eval(), 3, window=(64, 64)))
 
 
+def test_an_output_that_does_not_cover_the_input_is_refused() -> None:
+    """An unpadded 5x5 conv gives H-4 x W-4 cells: tiles at the scene's end would lack
+    outputs (a run failed there mid-way), so the probe refuses it with the figures.
+
+    Teeth: _stride() without the coverage check: the field is probed as 5x5 at offset 0.
+    """
+    with pytest.raises(ModelAnalysisError, match=r"gives \(124, 124\) cells for a \(128, 128\) "
+                                                 r"px input at stride \(1, 1\): its output does "
+                                                 "not cover the input"):
+        probe_onnx(onnx_bytes(nn.Conv2d(3, 4, 5).eval(), 3))
+
+
 def test_bad_bytes_and_names_are_refused() -> None:
     with pytest.raises(ModelAnalysisError, match=r"^not an ONNX model"):
         probe_onnx(b"not a model")
