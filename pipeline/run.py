@@ -61,7 +61,7 @@ from pipeline.journal import (
     write_json,
     write_manifest,
 )
-from pipeline.modelspec import fill_values
+from pipeline.modelspec import LABELS, fill_values
 from pipeline.plan import MemoryEstimate, ScenePlan, TileChoice, describe
 from pipeline.preflight import Preflight, SceneCheck, preflight, save_digests
 from pipeline.report import Progress, RunReport, SceneResult, failed_report
@@ -220,6 +220,7 @@ def run(config: RunConfig, *, dry_run: bool = False,
         return failed_report([(r.scene, r.stem, r.error) for r in results], NO_SCENE)
     model = analyse_model(checked.spec, checked.weights_sha256,
                           trust_code=config.trust_spec_code, halo=config.halo)
+    _check_layout(model, config)
     remote = bool(config.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"))
     device = _resolve_device(config.device, remote)
     for check in checked.runnable:
@@ -247,6 +248,18 @@ def run(config: RunConfig, *, dry_run: bool = False,
         say(action_line(result.stem, result.action, result.error))
     return _execute(config, checked, scenes, results, model, device, tiling, plan_text,
                     plan_data, started, on_progress, on_dashboard, say)
+
+
+def _check_layout(model: AnalysedModel, config: RunConfig) -> None:
+    """Raise :class:`ConfigError` for settings a network that gives labels cannot serve:
+    blending and probabilities need class scores."""
+    if model.network.signature.output != LABELS:
+        return
+    asked = [what for what, on in (("--stitch blend", config.stitch == "blend"),
+                                   ("--probabilities", config.probabilities)) if on]
+    if asked:
+        raise ConfigError(f"{model.spec.source}: the network gives labels, not class scores: "
+                          f"{' and '.join(asked)} need scores; run without them")
 
 
 def _exactness(scenes: list[_Scene], results: list[SceneResult], model: AnalysedModel,

@@ -490,6 +490,9 @@ def _output(f: _Item, props: Mapping[str, Any], data: dict[str, Any],
         f.error(f"{field}.result.shape", f"has {shape[1]} classes, classification:classes "
                                          f"lists {len(classes)}")
     data["classes"] = classes
+    # The layout the item declares: checked against what the network gives, like a spec's.
+    data["output"] = "scores" if len(order) == 4 else "labels"
+    fields["output"] = f"{field}.result.dim_order"
 
 
 def _classes(f: _Item, value: Any, field: str, fields: dict[str, str]) -> list[dict[str, Any]]:

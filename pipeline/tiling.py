@@ -32,7 +32,7 @@ from pipeline.inference import (
 from pipeline.journal import earlier_tile_sizes, fingerprint, load_window_speeds
 from pipeline.limits import cpu_budget, window_bytes, window_problem
 from pipeline.model import build_model, load_network
-from pipeline.modelspec import ONNX, ModelSpec, read_weights
+from pipeline.modelspec import LABELS, ONNX, SCORES, ModelSpec, read_weights
 from pipeline.networks import Network, TorchNetwork, input_channels, onnx_memory
 from pipeline.plan import (
     TILE_CANDIDATES,
@@ -130,7 +130,8 @@ def analyse_model(spec: ModelSpec, sha256: str, *, trust_code: bool = False,
         raise ModelError(
             f"{spec.source}: the model takes {channels} input channels but bands lists "
             f"{len(spec.bands)} ({list(spec.bands)}); list {channels} scene bands in bands")
-    network = TorchNetwork(module, channels=channels)
+    _check_layout(spec, output_shape(module, (len(spec.bands), 64, 64)))
+    network = TorchNetwork(module, channels=channels, output=spec.output or SCORES)
     try:
         field = receptive_field(module)
     except ModelAnalysisError as exc:
@@ -161,6 +162,15 @@ def _analyse_graph(spec: ModelSpec, sha256: str, declared: Halo | None) -> Analy
     return AnalysedModel(spec, sha256, probed.field, network, PROBED,
                          _larger(declared, probed.field), graph=graph,
                          congruent=probed.size_dependent_padding)
+
+
+def _check_layout(spec: ModelSpec, out: tuple[int, ...]) -> None:
+    """Raise :class:`ModelError` when a torch network's output, ``out`` for one image,
+    is not the layout the spec declares (``(K, H, W)`` scores, ``(H, W)`` labels)."""
+    found = {3: SCORES, 2: LABELS}.get(len(out))
+    if spec.output is not None and found is not None and found != spec.output:
+        raise spec.error("output", f"declares {spec.output} but the network gives {found} "
+                                   f"(shape {tuple(out)} per image)")
 
 
 def _needs_halo(spec: ModelSpec, exc: ModelAnalysisError) -> ModelAnalysisError:
@@ -340,9 +350,16 @@ def choose_tiles(infos: list[SceneInfo], config: RunConfig, model: AnalysedModel
     halo = model.halo
     budget = default_budget(config, device)
 
+    # a window never exceeds the largest scene (windows are clamped to their scene)
+    sides_of_scenes = [max((i.shape[k] for i in infos), default=0) for k in (0, 1)]
+
     def window(tile: int) -> tuple[int, int]:
-        return (align_up(tile + halo.before[0] + halo.after[0], field.align[0]),
-                align_up(tile + halo.before[1] + halo.after[1], field.align[1]))
+        sides = []
+        for k in (0, 1):
+            side = align_up(tile + halo.before[k] + halo.after[k], field.align[k])
+            most = sides_of_scenes[k]
+            sides.append(min(side, align_up(most, field.align[k])) if most else side)
+        return (sides[0], sides[1])
 
     def memory_of(tile: int) -> int:
         return task_memory(model, infos, window(tile), config.batch_size).total

@@ -315,3 +315,18 @@ def test_a_sample_region_without_a_seam_is_not_reported_as_exact() -> None:
     seams = measure(network, field, Halo.of(8), 128, region, read, classes=3,
                     fill=np.zeros(3, np.float32), stitch="crop", scene_shape=(600, 600))
     assert seams.max_abs_deviation is not None and seams.max_abs_deviation > 0
+
+
+def test_a_halo_larger_than_the_scene_needs_no_more_memory_than_the_scene(
+        tmp_path: Path) -> None:
+    """Windows are clamped to their scene, so the automatic tile size sizes them so:
+    a 60000 px halo on a 300x340 scene plans (exit 0) and its windows cover the region.
+
+    Teeth: choose_tiles() sizing windows as tile + halo uncapped: refused for ~TiB of
+    memory."""
+    spec, scene = _spec(tmp_path, se, "se"), _scene(tmp_path)
+    done = _cli("run", str(scene), "--model", str(spec), "--trust-spec-code", "--out",
+                str(tmp_path / "out"), "--halo", "60000", "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    exactness = json.loads(done.stdout)["scenes"][0]["exactness"]
+    assert exactness["halo"] == [60000, 60000]

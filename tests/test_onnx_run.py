@@ -243,3 +243,42 @@ def test_predict_tiled_keeps_windows_congruent_for_length_dependent_padding() ->
     np.testing.assert_allclose(tiled, whole, atol=1e-4)
     loose = predict_tiled(network, image, tile_size=16, field=probed.field)
     assert np.abs(loose - whole).max() > 1e-3
+
+
+class _Labels(torch.nn.Module):
+    """A zoo FCN whose graph picks the class itself: labels ``(N, H, W)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = ONNX_ZOO["plain_fcn"].build()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).argmax(1)
+
+
+@pytest.mark.slow
+def test_a_labels_network_refuses_blending_and_probabilities_before_the_run(
+        tmp_path: Path) -> None:
+    """Blending and probabilities need class scores: a network that gives labels gets a
+    usage error (exit 2, one line) before anything is written, and runs without them.
+
+    Teeth: _check_layout() removed from run(): the scene fails mid-run (exit 1)."""
+    from tests.onnx_export import onnx_bytes
+
+    model = tmp_path / "labels.onnx"
+    model.write_bytes(onnx_bytes(_Labels().eval(), 3))
+    spec = _spec(tmp_path, "plain_fcn")
+    data = yaml.safe_load(spec.read_text())
+    data.update(weights=model.name, sha256=hashlib.sha256(model.read_bytes()).hexdigest())
+    spec.write_text(yaml.safe_dump(data))
+    scene = _scene(tmp_path, (60, 50))
+    for option in ("--probabilities", "--stitch=blend"):
+        done = run_cli("run", str(scene), "--model", str(spec), "--out", str(tmp_path / "o"),
+                       option, env=child_env())
+        assert done.returncode == 2, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "gives labels, not class scores" in lines[0], lines
+        assert not (tmp_path / "o").exists()
+    _run(scene, spec, tmp_path / "o")
+    written = zarr.open_group(str(tmp_path / "o" / f"{scene.stem}.zarr"), mode="r")["labels"][:]
+    assert set(np.unique(written)) <= {*range(K), NODATA}

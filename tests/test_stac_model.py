@@ -391,3 +391,22 @@ def test_run_with_an_item_labels_as_the_yaml_spec(tmp_path: Path) -> None:
     assert (want != 255).any()
     assert np.array_equal(got, want)
     assert not (tmp_path / "item" / "swapped.zarr").exists()
+
+
+def test_the_declared_output_layout_is_checked_against_the_network(tmp_path: Path) -> None:
+    """An item whose result is ``[batch, height, width]`` declares labels: loading the
+    demo network, which gives scores, is refused naming the item's field.
+
+    Teeth: _output() not mapping the layout: the item loads as scores, no refusal."""
+    from pipeline.tiling import analyse_model
+
+    item = demo_item()
+    item["properties"]["mlm:output"][0]["result"] = {
+        "shape": [-1, -1, -1], "dim_order": ["batch", "height", "width"],
+        "data_type": "uint8"}
+    spec = load_spec(write(tmp_path, item))
+    assert spec.output == "labels"
+    with pytest.raises(ModelSpecError, match=r"result\.dim_order declares labels but the "
+                                             r"network gives scores"):
+        analyse_model(spec, str(spec.sha256))
+    assert load_spec(write(tmp_path, demo_item(), "scores.json")).output == "scores"
