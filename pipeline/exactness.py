@@ -111,7 +111,8 @@ def sample_region(scene_shape: tuple[int, int], tile_shape: tuple[int, int],
 
 def measure(network: Network, field: ReceptiveField, halo: Halo, tile_size: int,
             region: Box, read: Reader, *, classes: int, fill: np.ndarray, stitch: str,
-            method: str = DECLARED, scene_shape: tuple[int, int] | None = None) -> Exactness:
+            method: str = DECLARED, scene_shape: tuple[int, int] | None = None,
+            source: str = "") -> Exactness:
     """The deviation of the tiled prediction on ``region`` from one window over it.
 
     The region is tiled as a scene of its own (its edges are scene edges in both
@@ -124,8 +125,11 @@ def measure(network: Network, field: ReceptiveField, halo: Halo, tile_size: int,
     as the scene holds): the scene's own tiles against that window, on its pixels that
     are at least the halo away from its inner edges (:func:`_measure_fixed`).
 
+    ``source``: the model spec file, named in errors about the network's output.
+
     Raises:
         GeometryError: the tiles cannot be built.
+        ModelError: the network gives labels outside the spec's classes.
         ValueError: a fixed-size network without ``scene_shape``.
     """
     pair = halo_pair(halo)
@@ -134,7 +138,7 @@ def measure(network: Network, field: ReceptiveField, halo: Halo, tile_size: int,
     fixed = network.signature.window
     options: dict[str, Any] = dict(classes=classes, nodata=-1, label_dtype=np.int32, fill=fill,
                                    scores=network.signature.output != LABELS,
-                                   skip_invalid=False)
+                                   skip_invalid=False, source=source)
     if fixed is not None:
         if scene_shape is None:
             raise ValueError("measure() needs the scene's shape for a fixed-size network")

@@ -131,6 +131,7 @@ class Predictor:
         stitch: :data:`CROP` or :data:`BLEND`.
         scores: Return each tile's scores too (a network that gives labels has none).
         skip_invalid: A tile whose core has no valid pixel is not run: all nodata.
+        source: The model spec file, to name in errors about the network's output.
 
     Raises:
         ModelError: scores or blending asked of a network that gives labels.
@@ -140,7 +141,7 @@ class Predictor:
     def __init__(self, network: Network, grid: TileGrid, *, classes: int, nodata: int,
                  label_dtype: np.dtype | type = np.uint8, fill: np.ndarray | None = None,
                  batch_size: int = 1, stitch: str = CROP, scores: bool = False,
-                 skip_invalid: bool = True) -> None:
+                 skip_invalid: bool = True, source: str = "") -> None:
         if stitch not in STITCHES:
             raise GeometryError(f"stitch must be one of {', '.join(STITCHES)}, got {stitch!r}")
         if stitch == BLEND and grid.stride != (1, 1):
@@ -157,6 +158,7 @@ class Predictor:
         self.fill = fill
         self.batch_size = max(1, batch_size if signature.batch is None else signature.batch)
         self.stitch, self.scores, self.skip_invalid = stitch, scores, skip_invalid
+        self.source = source
 
     # ----------------------------------------------------------------- windows
 
@@ -271,9 +273,11 @@ class Predictor:
             labels = crop[0].cpu().numpy()
             outside = (labels < 0) | (labels >= self.classes)
             if outside.any():
-                raise ModelError(f"the network gave label {int(labels[outside].flat[0])}, "
-                                 f"outside the spec's {self.classes} classes (0 to "
-                                 f"{self.classes - 1})")
+                where = f"{self.source}: " if self.source else ""
+                raise ModelError(f"{where}the network gave label {int(labels[outside].flat[0])}"
+                                 f", outside the spec's {self.classes} classes (0 to "
+                                 f"{self.classes - 1}); list every class the network gives "
+                                 "in classes")
             labelled = valid.copy()
             block = labels.astype(self.label_dtype)
             block[~labelled] = self.nodata

@@ -293,7 +293,8 @@ def _measure(scene: _Scene, model: AnalysedModel, config: RunConfig, tile: int) 
 
     return measure(model.network, model.field, model.halo, tile, region, read,
                    classes=len(spec.classes), fill=fill_values(spec, np.float32),
-                   stitch=config.stitch, method=model.method, scene_shape=info.shape)
+                   stitch=config.stitch, method=model.method, scene_shape=info.shape,
+                   source=spec.source)
 
 
 def _plan_data(scenes: list[_Scene], results: list[SceneResult], model: AnalysedModel,

@@ -240,7 +240,7 @@ def predict_tiles(model_ref: ModelRef, target: SceneTarget, tiles: tuple[Tile, .
     predictor = Predictor(network, target.grid, classes=classes, nodata=spec.nodata_output,
                           label_dtype=label_dtype(classes), fill=fill_values(spec, np.float32),
                           batch_size=model_ref.batch_size, stitch=model_ref.stitch,
-                          scores=target.probabilities)
+                          scores=target.probabilities, source=spec.source)
     _prepare_torch(model_ref.threads)
     inferred = 0
     read_s = wait_s = write_s = 0.0

@@ -174,10 +174,16 @@ def _check_layout(spec: ModelSpec, out: tuple[int, ...]) -> None:
 
 
 def _needs_halo(spec: ModelSpec, exc: ModelAnalysisError) -> ModelAnalysisError:
+    """The analysis's refusal, and how to run the model anyway, said once."""
+    reason = str(exc).strip()
+    for advice in ("; declare a halo to run it approximately", "; declare a halo"):
+        if reason.endswith(advice):
+            reason = reason[: -len(advice)]
+            break
     return ModelAnalysisError(
-        f"{spec.source}: {exc}; no halo makes this model's tiles exact: declare one (--halo PX "
-        "or halo: in the spec) to run it with its deviation from one-window prediction "
-        "measured and reported")
+        f"{spec.source}: {reason}; no halo makes this model's tiles exact: declare one "
+        "(--halo PX or halo: in the spec) to run it with its deviation from one-window "
+        "prediction measured and reported")
 
 
 def _pointwise(out: tuple[int, ...], shape: tuple[int, int]) -> ReceptiveField:

@@ -138,6 +138,7 @@ def test_onnx_networks_with_global_context_run_with_a_declared_halo(tmp_path: Pa
                       env=child_env())
     assert refused.returncode == 2, refused.stderr
     assert "global context" in refused.stderr and "--halo" in refused.stderr
+    assert refused.stderr.count("declare") == 1, refused.stderr  # the advice, said once
     found = {}
     for halo in (2, 16, 300):
         done = _run(scene, spec, tmp_path / f"out{halo}", "--halo", str(halo), "--tile-size",
@@ -282,3 +283,37 @@ def test_a_labels_network_refuses_blending_and_probabilities_before_the_run(
     _run(scene, spec, tmp_path / "o")
     written = zarr.open_group(str(tmp_path / "o" / f"{scene.stem}.zarr"), mode="r")["labels"][:]
     assert set(np.unique(written)) <= {*range(K), NODATA}
+
+
+class _OutsideLabels(_Labels):
+    """Labels 10 to 13: outside a 4-class spec."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 10
+
+
+@pytest.mark.slow
+def test_labels_outside_the_spec_classes_fail_the_scene_naming_the_spec(
+        tmp_path: Path) -> None:
+    """A labels network that gives classes the spec does not list is refused with one line
+    naming the spec and the label (found by the deviation measurement, before anything is
+    written), never a map of wrong classes.
+
+    Teeth: measure() building its Predictor without ``source``: the line does not name
+    the spec."""
+    from tests.onnx_export import onnx_bytes
+
+    model = tmp_path / "outside.onnx"
+    model.write_bytes(onnx_bytes(_OutsideLabels().eval(), 3))
+    spec = _spec(tmp_path, "plain_fcn")
+    data = yaml.safe_load(spec.read_text())
+    data.update(weights=model.name, sha256=hashlib.sha256(model.read_bytes()).hexdigest())
+    spec.write_text(yaml.safe_dump(data))
+    scene = _scene(tmp_path, (40, 40))
+    done = run_cli("run", str(scene), "--model", str(spec), "--out", str(tmp_path / "o"),
+                   "--halo", "4", env=child_env())
+    assert done.returncode == 2, done.stderr
+    lines = [x for x in done.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "outside the spec's 4 classes" in lines[0], lines
+    assert str(spec) in lines[0] and "label 1" in lines[0]
+    assert not (tmp_path / "o").exists()
