@@ -137,7 +137,7 @@ def render_memory(figures: list[MemoryFigure]) -> str:
 # ------------------------------------------------------------------ planning memory
 
 #: The receptive field of a 1x1 convolution: no halo, so a tile's window is the tile.
-POINTWISE = ReceptiveField(size=(1, 1), stride=(1, 1), offset=(0, 0), align=(1, 1))
+POINTWISE = ReceptiveField.pointwise()
 
 
 @dataclass(frozen=True)

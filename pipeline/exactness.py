@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.grid import Box, Span, TileGrid
+from pipeline.grid import Box, Span, Tile, TileGrid
 from pipeline.networks import LABELS, Network
 from pipeline.prediction import Predictor, Reader
 from pipeline.receptive import Halo, ReceptiveField
@@ -207,9 +207,10 @@ def _overlaps(a: Box, b: Box) -> bool:
             and a.cols.start < b.cols.stop and b.cols.start < a.cols.stop)
 
 
-def _placed(predictor: Predictor, tiles: list[Any], read: Reader,
+def _placed(predictor: Predictor, tiles: list[Tile], read: Reader,
             interior: Box) -> tuple[np.ndarray, np.ndarray | None]:
-    """Labels and scores of ``tiles`` on ``interior`` (as :func:`_stitched` gives)."""
+    """Labels ``(h, w)`` of ``interior`` (-1 where not labelled) and scores ``(K, h, w)``
+    (or None), from the results of ``tiles`` there."""
     labels = np.full(interior.shape, -1, np.int32)
     scores: np.ndarray | None = None
     for result in predictor.predict(tiles, read):
@@ -248,14 +249,7 @@ def _compare(got: tuple[np.ndarray, np.ndarray | None],
 
 def _stitched(predictor: Predictor, grid: TileGrid,
               read: Reader) -> tuple[np.ndarray, np.ndarray | None]:
-    """Labels ``(h, w)`` (-1 where not labelled) and scores ``(K, h, w)`` (or None)."""
-    labels = np.full(grid.output_shape, -1, np.int32)
-    scores: np.ndarray | None = None
-    for result in predictor.predict(list(grid), read):
-        rows, cols = result.tile.core.slices()
-        labels[rows, cols] = np.where(result.labelled, result.labels, -1)
-        if result.scores is not None:
-            if scores is None:
-                scores = np.zeros((result.scores.shape[0], *grid.output_shape), np.float32)
-            scores[:, rows, cols] = result.scores
-    return labels, scores
+    """Labels ``(h, w)`` (-1 where not labelled) and scores ``(K, h, w)`` (or None) of
+    every tile of ``grid``."""
+    rows, cols = grid.output_shape
+    return _placed(predictor, list(grid), read, Box(Span(0, rows), Span(0, cols)))

@@ -36,12 +36,6 @@ class ModelGeometry:
     analysed: bool
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def output_shape(model: nn.Module, input_shape: tuple[int, int, int],
                  dtype: torch.dtype = torch.float32) -> tuple[int, ...]:
     """Shape ``model`` gives for one ``(C, H, W)`` input, computed on the meta device.
@@ -94,7 +88,7 @@ def model_geometry(model: nn.Module, input_shape: tuple[int, int, int],
                 ) from exc
             strides.append(n_in // n_out)
         s = (strides[0], strides[1])
-        field = ReceptiveField(size=s, stride=s, offset=(0, 0), align=s)
+        field = ReceptiveField.pointwise(s)
         analysed = False
     return ModelGeometry(field, (out[1], out[2]), out[0], analysed)
 
@@ -211,7 +205,7 @@ def _network_grid(network: Network, shape: tuple[int, int, int],
     if field is None:
         if halo is None:
             raise ModelAnalysisError("a network without a receptive field needs a halo")
-        field = ReceptiveField(size=(1, 1), stride=(1, 1), offset=(0, 0), align=(1, 1))
+        field = ReceptiveField.pointwise()
     output = (shape[1] // field.stride[0], shape[2] // field.stride[1])
     return TileGrid.build(shape[1:], output, field, tile_size, halo,
                           window=network.signature.window)

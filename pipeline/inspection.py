@@ -218,7 +218,7 @@ def _tiles(field: ReceptiveField | None, halo: Halo | None, stride: Pair | None,
     without a halo (the windows are not known)."""
     if halo is None:
         return ()
-    geometry = field or _pointwise(stride or (1, 1))
+    geometry = field or ReceptiveField.pointwise(stride or (1, 1))
     if window is not None:
         tile = fixed_tile_size(window, geometry, halo)
         return (TileFigures(tile, window, window[0] * window[1] / (tile[0] * tile[1]),
@@ -231,10 +231,6 @@ def _tiles(field: ReceptiveField | None, halo: Halo | None, stride: Pair | None,
                                    interior_overhead(geometry, size, halo),
                                    _estimate(memory, (channels, shape[0], shape[1]))))
     return tuple(figures)
-
-
-def _pointwise(stride: Pair) -> ReceptiveField:
-    return ReceptiveField(size=stride, stride=stride, offset=(0, 0), align=stride)
 
 
 def _estimate(memory: Any, shape: tuple[int, int, int]) -> int | None:

@@ -167,11 +167,7 @@ class Predictor:
         each tile's own; for ``blend`` every grid window overlapping one of their cores."""
         if self.stitch == CROP:
             return list(dict.fromkeys(t.window for t in tiles))
-        needed: dict[Box, None] = {}
-        for tile in tiles:
-            for other in self._overlapping(tile):
-                needed[other.window] = None
-        return list(needed)
+        return list(self._owners(tiles))
 
     def _overlapping(self, tile: Tile) -> list[Tile]:
         """The grid's tiles whose window overlaps ``tile``'s core (itself included)."""
@@ -298,11 +294,9 @@ class Predictor:
         weights: dict[Tile, np.ndarray] = {}
         valids: dict[Tile, np.ndarray] = {}
         halo = self.grid.halo
-        by_window: dict[Box, Tile] = {t.window: t for t in self._all_overlapping(tiles)}
         groups: dict[tuple[int, ...], list[tuple[Tile, np.ndarray, np.ndarray | None]]] = {}
-        for window in self.windows(tiles):
+        for window, owner in self._owners(tiles).items():
             data, valid = read(window)
-            owner = by_window[window]
             groups.setdefault(data.shape, []).append((owner, data, valid))
         for members in groups.values():
             for start in range(0, len(members), self.batch_size):
@@ -320,8 +314,10 @@ class Predictor:
             mean = sums[tile] / torch.as_tensor(weights[tile], device=sums[tile].device)
             yield self._labelled(tile, mean[None], valids[tile])
 
-    def _all_overlapping(self, tiles: Sequence[Tile]) -> list[Tile]:
-        return [o for t in tiles for o in self._overlapping(t)]
+    def _owners(self, tiles: Sequence[Tile]) -> dict[Box, Tile]:
+        """Every grid window overlapping one of ``tiles``' cores, each once, with the tile
+        it is the window of."""
+        return {o.window: o for t in tiles for o in self._overlapping(t)}
 
     @staticmethod
     def _accumulate(tile: Tile, window: Box, scores: torch.Tensor, weight: np.ndarray,

@@ -108,6 +108,13 @@ class ReceptiveField:
                         f"reach along axis {k} has {len(self.reach[k])} phases; expected {phases}"
                     )
 
+    @classmethod
+    def pointwise(cls, stride: Pair = (1, 1)) -> ReceptiveField:
+        """The field of a model whose own field is not derived (it has global context):
+        each output cell sees its ``stride`` cell only, so the halo around a tile is the
+        one declared for it."""
+        return cls(size=stride, stride=stride, offset=(0, 0), align=stride)
+
     @property
     def phase_reach(self) -> tuple[Reach, Reach]:
         """``reach`` with its default filled in."""

@@ -82,9 +82,6 @@ class ModelRef:
     #: How tiles are stitched: ``crop`` or ``blend`` (:mod:`pipeline.prediction`).
     stitch: str = CROP
 
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
 
 @dataclass(frozen=True)
@@ -194,9 +191,16 @@ def read_input(spec: ModelSpec, scene: str, window: Box, *,
     Raises:
         SceneError: the window cannot be read, or the spec's nodata does not fit the scene.
     """
-    data, scene_valid = read_window(scene, window, spec.bands, allow_vrt=allow_vrt)
-    valid = _valid(spec, data, scene_valid, scene)
+    data, valid = _raw_input(spec, scene, window, allow_vrt)
     return model_input(data, valid, spec), valid
+
+
+def _raw_input(spec: ModelSpec, scene: str, window: Box,
+               allow_vrt: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A window's raw bands (the spec's, in its order) and their validity under the
+    spec's ``nodata.input`` (:func:`_valid`)."""
+    data, scene_valid = read_window(scene, window, spec.bands, allow_vrt=allow_vrt)
+    return data, _valid(spec, data, scene_valid, scene)
 
 
 def _read(spec: ModelSpec, target: SceneTarget,
@@ -208,10 +212,8 @@ def _read(spec: ModelSpec, target: SceneTarget,
     """
     start = time.perf_counter()
     _check_unchanged(target)
-    data, scene_valid = read_window(target.scene, window, spec.bands,
-                                    allow_vrt=target.allow_vrt)
+    data, valid = _raw_input(spec, target.scene, window, target.allow_vrt)
     _check_unchanged(target)
-    valid = _valid(spec, data, scene_valid, target.scene)
     return data, valid, time.perf_counter() - start
 
 

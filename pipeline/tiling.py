@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,11 @@ class AnalysedModel:
     #: Windows must be congruent to the scene's length modulo ``align``: the network's
     #: padding depends on its input's length (:meth:`pipeline.grid.TileGrid.congruent`).
     congruent: bool = False
+    #: ``(C, H, W, batch)`` -> (activation, weight) bytes of an ONNX graph, kept: shape
+    #: inference of a real graph takes a good fraction of a second, and planning asks
+    #: for the same windows again.
+    _graph_memory: dict[tuple[int, ...], tuple[int, int]] = dataclass_field(
+        default_factory=dict, compare=False, repr=False)
     #: Why the analysis refused to derive the field, when a declared halo stands in.
     refused: str | None = None
 
@@ -195,8 +201,7 @@ def _pointwise(out: tuple[int, ...], shape: tuple[int, int]) -> ReceptiveField:
     if len(out) != 3 or any(n % m for n, m in zip(shape, out[1:])):
         raise ModelError(f"the model gives an output of {tuple(out)} for a {shape} input; "
                          "expected (classes, H, W) at an integer stride")
-    stride = (shape[0] // out[1], shape[1] // out[2])
-    return ReceptiveField(size=stride, stride=stride, offset=(0, 0), align=stride)
+    return ReceptiveField.pointwise((shape[0] // out[1], shape[1] // out[2]))
 
 
 def _larger(declared: Halo | None, field: ReceptiveField) -> Halo | None:
@@ -245,20 +250,27 @@ def _activations(model: AnalysedModel, shape: tuple[int, int, int], batch_size: 
     """Peak activation bytes of one forward pass over ``batch_size`` windows of ``shape``."""
     if model.module is not None:
         return activation_bytes(model.module, shape, batch_size)
-    if model.graph is not None:
-        return onnx_memory(model.graph, shape, batch_size,
-                           input_name=model.spec.onnx_input)[0]
-    return 0
+    return _graph_memory(model, shape, batch_size)[0]
 
 
 def _weights(model: AnalysedModel) -> int:
     """Bytes of the network's weights."""
     if model.module is not None:
         return weight_bytes(model.module)
-    if model.graph is not None:
-        return onnx_memory(model.graph, (len(model.spec.bands), 64, 64), 1,
-                           input_name=model.spec.onnx_input)[1]
-    return 0
+    return _graph_memory(model, (len(model.spec.bands), 64, 64), 1)[1]
+
+
+def _graph_memory(model: AnalysedModel, shape: tuple[int, int, int],
+                  batch_size: int) -> tuple[int, int]:
+    """An ONNX graph's activation and weight bytes (:func:`onnx_memory`), once per shape;
+    (0, 0) without a graph."""
+    if model.graph is None:
+        return (0, 0)
+    key = (*shape, batch_size)
+    if key not in model._graph_memory:
+        model._graph_memory[key] = onnx_memory(model.graph, shape, batch_size,
+                                               input_name=model.spec.onnx_input)
+    return model._graph_memory[key]
 
 
 def default_budget(config: RunConfig, device: str) -> int:

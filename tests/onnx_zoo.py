@@ -10,11 +10,15 @@ gives the ONNX bytes, cached per name for the test session.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
 from pipeline.receptive import ReceptiveField
@@ -215,3 +219,22 @@ def exported(name: str) -> bytes:
     """The ONNX bytes of zoo entry ``name`` (input ``x``, output ``y``)."""
     entry = ONNX_ZOO[name]
     return onnx_bytes(entry.build(), 3, window=entry.window)
+
+
+def write_spec(folder: Path, name: str, graph: bytes | None = None, **extra: Any) -> Path:
+    """``folder/NAME.yaml``, an ONNX spec of 3 bands and :data:`K` classes for the graph
+    ``graph`` (by default the zoo network ``name``, :func:`exported`), written beside it
+    as ``NAME.onnx`` with its sha256; ``extra`` keys are added to the spec."""
+    model = folder / f"{name}.onnx"
+    model.write_bytes(exported(name) if graph is None else graph)
+    data = {
+        "schema": 1, "name": name, "weights": model.name,
+        "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+        "bands": [1, 2, 3],
+        "normalization": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3},
+        "classes": [{"name": f"c{k}", "color": [60 * k, 90, 160]} for k in range(K)],
+        **extra,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -316,3 +316,23 @@ def start_cluster(procs: Processes, folder: Path, *, nanny: bool, workers: int =
         wait_for(lambda w=worker: "Registered to" in w.stderr(), f"{worker.log.name} to register",
                  watch=worker, interval=0.1)
     return Cluster(address, scheduler, started)
+
+
+def smooth_scene(path: Path, shape: tuple[int, int], *, seed: int = 0, cell: int = 16,
+                 noise: float = 20.0, hole: tuple[int, int] = (9, 13)) -> Path:
+    """A 3-band uint8 GeoTIFF (EPSG:32633, 10 m) of random fields constant on ``cell`` px
+    squares plus Gaussian ``noise``, nodata 0 in its first ``hole`` rows x columns."""
+    from rasterio.transform import Affine
+
+    rng = np.random.default_rng(seed)
+    rows, cols = shape
+    coarse = rng.integers(1, 255, (3, rows // cell + 2, cols // cell + 2)).astype(float)
+    data = np.stack([np.kron(b, np.ones((cell, cell)))[:rows, :cols] for b in coarse])
+    data = np.clip(data + rng.normal(0, noise, data.shape), 1, 255).astype(np.uint8)
+    data[:, :hole[0], :hole[1]] = 0
+    profile = {"driver": "GTiff", "width": cols, "height": rows, "count": 3,
+               "dtype": "uint8", "crs": "EPSG:32633", "nodata": 0,
+               "transform": Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path

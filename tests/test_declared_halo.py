@@ -20,7 +20,6 @@ import yaml
 import zarr
 from hypothesis import given
 from hypothesis import strategies as st
-from rasterio.transform import Affine
 from torch import nn
 
 from pipeline.grid import Box, Span
@@ -33,7 +32,7 @@ from pipeline.receptive import ReceptiveField
 from tests.conftest import run_cli
 from tests.global_models import group_norm, se
 from tests.modelspec_factories import spec_dict, tiny
-from tests.support import child_env
+from tests.support import child_env, smooth_scene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,20 +61,9 @@ def _tiny_spec(folder: Path) -> Path:
 
 
 def _scene(folder: Path, size: tuple[int, int] = (300, 340), seed: int = 0) -> Path:
-    """A 3-band uint8 GeoTIFF of smooth random fields, nodata 0 in one corner."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(1, 255, (3, size[0] // 20 + 2, size[1] // 20 + 2)).astype(np.float32)
-    data = np.stack([np.kron(b, np.ones((20, 20)))[:size[0], :size[1]] for b in coarse])
-    data += rng.normal(0, 12, data.shape)
-    data = np.clip(data, 1, 255).astype(np.uint8)
-    data[:, :30, :40] = 0
-    path = folder / "scene.tif"
-    profile = {"driver": "GTiff", "width": size[1], "height": size[0], "count": 3,
-               "dtype": "uint8", "crs": "EPSG:32633", "nodata": 0,
-               "transform": Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)}
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-    return path
+    """A smooth random 3-band scene with a nodata corner (:func:`smooth_scene`)."""
+    return smooth_scene(folder / "scene.tif", size, seed=seed, cell=20, noise=12.0,
+                        hole=(30, 40))
 
 
 def _cli(*args: str) -> Any:

@@ -3,35 +3,15 @@ context, fixed window), torch specs and the demo, through the real CLI."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-from tests.onnx_zoo import K, exported
+from tests.onnx_zoo import write_spec
 from tests.support import cli
 
 pytest.importorskip("onnxruntime")
-
-
-def _spec(folder: Path, name: str, **extra: Any) -> Path:
-    """A spec of zoo network ``name`` exported to ONNX, 3 bands, K classes."""
-    model = folder / f"{name}.onnx"
-    model.write_bytes(exported(name))
-    data = {
-        "schema": 1, "name": name, "weights": model.name,
-        "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
-        "bands": [1, 2, 3],
-        "normalization": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3},
-        "classes": [{"name": f"c{k}", "color": [60 * k, 90, 160]} for k in range(K)],
-        **extra,
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def _rows(stdout: str) -> dict[str, list[str]]:
@@ -56,7 +36,7 @@ def test_inspect_reports_every_kind_of_spec(tmp_path: Path) -> None:
     passed on): exit 2 on squeeze_excite; _block without the window line: "64x64 px fixed"
     missing; the ONNX row built without ``congruent``: no padding line for keras_same.
     """
-    specs = [_spec(tmp_path, n) for n in ("plain_fcn", "keras_same", "fixed_64",
+    specs = [write_spec(tmp_path, n) for n in ("plain_fcn", "keras_same", "fixed_64",
                                           "squeeze_excite")]
     done = cli("inspect", *map(str, specs), "demo", "--tile-sizes", "256,512")
     assert done.returncode == 0, done.stderr
@@ -96,7 +76,7 @@ def test_inspect_with_a_declared_halo_as_json(tmp_path: Path) -> None:
     Teeth: the CLI not passing --halo to inspect_rows: squeeze_excite's method is null
     and its halo null; rows_as_json without "global_context": KeyError.
     """
-    specs = [_spec(tmp_path, n) for n in ("group_norm", "plain_fcn", "fixed_64")]
+    specs = [write_spec(tmp_path, n) for n in ("group_norm", "plain_fcn", "fixed_64")]
     done = cli("inspect", *map(str, specs), "--halo", "8", "--json", "--tile-sizes", "256")
     assert done.returncode == 0, done.stderr
     rows = {Path(r["model"]).stem: r for r in json.loads(done.stdout)}
@@ -141,7 +121,7 @@ def test_bench_compares_runtimes(tmp_path: Path) -> None:
         runtimes["onnxruntime"] / runtimes["torch"])
     assert runtimes["per_core"]["torch"] == pytest.approx(runtimes["torch"])
 
-    onnx = _spec(tmp_path, "plain_fcn")
+    onnx = write_spec(tmp_path, "plain_fcn")
     done = cli("bench", "--model", str(onnx), *common)
     assert done.returncode == 0, done.stderr
     assert "plain_fcn.yaml (onnx)" in done.stdout

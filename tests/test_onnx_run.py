@@ -10,7 +10,6 @@ labels are compared on pixels whose two best class scores differ by more than
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,13 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-import yaml
 import zarr
-from rasterio.transform import Affine
 
 from pipeline.inference import predict_tiled
 from pipeline.modelspec import load_spec, model_input
 from tests.conftest import run_cli
-from tests.onnx_zoo import ONNX_ZOO, K, exported
-from tests.support import child_env
+from tests.onnx_zoo import ONNX_ZOO, K, exported, write_spec
+from tests.support import child_env, smooth_scene
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,37 +34,14 @@ MARGIN = 1e-4
 NODATA = 255
 
 
-def _spec(folder: Path, name: str, **extra: Any) -> Path:
-    model = folder / f"{name}.onnx"
-    model.write_bytes(exported(name))
-    data = {
-        "schema": 1, "name": name, "weights": model.name,
-        "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
-        "bands": [1, 2, 3],
-        "normalization": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3},
-        "nodata": {"input": "scene", "output": NODATA},
-        "classes": [{"name": f"c{k}", "color": [60 * k, 90, 160]} for k in range(K)],
-        **extra,
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+def _spec(folder: Path, name: str, graph: bytes | None = None) -> Path:
+    """:func:`tests.onnx_zoo.write_spec` with nodata 255 out."""
+    return write_spec(folder, name, graph, nodata={"input": "scene", "output": NODATA})
 
 
 def _scene(folder: Path, shape: tuple[int, int], seed: int = 0) -> Path:
-    """A 3-band uint8 GeoTIFF of smooth random fields, nodata 0 in one corner."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(1, 255, (3, shape[0] // 16 + 2, shape[1] // 16 + 2)).astype(float)
-    data = np.stack([np.kron(b, np.ones((16, 16)))[:shape[0], :shape[1]] for b in coarse])
-    data = np.clip(data + rng.normal(0, 20, data.shape), 1, 255).astype(np.uint8)
-    data[:, :9, :13] = 0
-    path = folder / f"scene-{shape[0]}x{shape[1]}.tif"
-    profile = {"driver": "GTiff", "width": shape[1], "height": shape[0], "count": 3,
-               "dtype": "uint8", "crs": "EPSG:32633", "nodata": 0,
-               "transform": Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)}
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-    return path
+    """A smooth random 3-band scene with a nodata corner (:func:`smooth_scene`)."""
+    return smooth_scene(folder / f"scene-{shape[0]}x{shape[1]}.tif", shape, seed=seed)
 
 
 def _run(scene: Path, spec: Path, out: Path, *args: str) -> Any:
@@ -208,12 +182,8 @@ def test_a_fixed_size_network_with_global_context_has_its_deviation_measured(
     deviation is None."""
     from tests.onnx_export import onnx_bytes
 
-    model = tmp_path / "norm64.onnx"
-    model.write_bytes(onnx_bytes(ONNX_ZOO["group_norm"].build(), 3, window=(64, 64)))
-    spec = _spec(tmp_path, "plain_fcn")  # then point it at the fixed-size graph
-    data = yaml.safe_load(spec.read_text())
-    data.update(weights=model.name, sha256=hashlib.sha256(model.read_bytes()).hexdigest())
-    spec.write_text(yaml.safe_dump(data))
+    spec = _spec(tmp_path, "norm64",
+                 onnx_bytes(ONNX_ZOO["group_norm"].build(), 3, window=(64, 64)))
     scene = _scene(tmp_path, (150, 130))
     found = {}
     for halo in (4, 16):
@@ -266,12 +236,7 @@ def test_a_labels_network_refuses_blending_and_probabilities_before_the_run(
     Teeth: _check_layout() removed from run(): the scene fails mid-run (exit 1)."""
     from tests.onnx_export import onnx_bytes
 
-    model = tmp_path / "labels.onnx"
-    model.write_bytes(onnx_bytes(_Labels().eval(), 3))
-    spec = _spec(tmp_path, "plain_fcn")
-    data = yaml.safe_load(spec.read_text())
-    data.update(weights=model.name, sha256=hashlib.sha256(model.read_bytes()).hexdigest())
-    spec.write_text(yaml.safe_dump(data))
+    spec = _spec(tmp_path, "labels", onnx_bytes(_Labels().eval(), 3))
     scene = _scene(tmp_path, (60, 50))
     for option in ("--probabilities", "--stitch=blend"):
         done = run_cli("run", str(scene), "--model", str(spec), "--out", str(tmp_path / "o"),
@@ -303,12 +268,7 @@ def test_labels_outside_the_spec_classes_fail_the_scene_naming_the_spec(
     the spec."""
     from tests.onnx_export import onnx_bytes
 
-    model = tmp_path / "outside.onnx"
-    model.write_bytes(onnx_bytes(_OutsideLabels().eval(), 3))
-    spec = _spec(tmp_path, "plain_fcn")
-    data = yaml.safe_load(spec.read_text())
-    data.update(weights=model.name, sha256=hashlib.sha256(model.read_bytes()).hexdigest())
-    spec.write_text(yaml.safe_dump(data))
+    spec = _spec(tmp_path, "outside", onnx_bytes(_OutsideLabels().eval(), 3))
     scene = _scene(tmp_path, (40, 40))
     done = run_cli("run", str(scene), "--model", str(spec), "--out", str(tmp_path / "o"),
                    "--halo", "4", env=child_env())
