@@ -74,6 +74,8 @@ from pipeline.tiling import (
     check_output_shape,
     check_task_memory,
     choose_tiles,
+    default_budget,
+    task_memory,
 )
 from pipeline.tls import tls_files
 from pipeline.writers import LabelStoreSpec, create_label_store, create_overview_store
@@ -283,10 +285,16 @@ def _exactness(scenes: list[_Scene], results: list[SceneResult], model: Analysed
 
 def _measure(scene: _Scene, model: AnalysedModel, config: RunConfig, tile: int) -> Exactness:
     """The deviation of the tiled prediction from one window on the scene's sample region
-    (:func:`pipeline.exactness.measure`), on this process's copy of the network."""
+    (:func:`pipeline.exactness.measure`), on this process's copy of the network; the region
+    shrinks until one window over it fits the memory budget of a CPU task."""
     info = scene.plan.info
     spec = model.spec
-    region = sample_region(info.shape, scene.plan.grid.tile_shape)
+    budget = default_budget(config, "cpu")  # the measurement runs here, on the CPU
+
+    def fits(shape: tuple[int, int]) -> bool:
+        return task_memory(model, [info], shape, 1).total <= budget
+
+    region = sample_region(info.shape, scene.plan.grid.tile_shape, fits)
 
     def read(window: Box) -> tuple[np.ndarray, np.ndarray]:
         return read_input(spec, info.path, window, allow_vrt=info.driver == VRT)

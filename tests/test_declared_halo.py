@@ -318,3 +318,17 @@ def test_a_halo_larger_than_the_scene_needs_no_more_memory_than_the_scene(
     assert done.returncode == 0, done.stderr
     exactness = json.loads(done.stdout)["scenes"][0]["exactness"]
     assert exactness["halo"] == [60000, 60000]
+
+
+def test_the_sample_region_shrinks_to_fit_the_memory_budget(tmp_path: Path) -> None:
+    """One window over the sample region must fit a task's memory budget: with a small
+    budget the region is smaller than with the default.
+
+    Teeth: _measure() not passing ``fits`` to sample_region(): both regions are 256 px."""
+    spec, scene = _spec(tmp_path, se, "se"), _scene(tmp_path)
+    regions = []
+    for extra in ((), ("--memory-budget", "3MiB")):
+        plan = _plan(scene, spec, tmp_path / f"out{len(extra)}", "--halo", "4", *extra)
+        regions.append(plan["scenes"][0]["exactness"]["region"][2:])
+    assert regions[0] == [256, 256], regions
+    assert max(regions[1]) < 256, regions

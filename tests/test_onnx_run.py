@@ -138,9 +138,8 @@ def test_a_fixed_size_onnx_network_over_a_scene_of_odd_size(tmp_path: Path) -> N
     for shape in ((101, 77), (50, 45)):
         scene = _scene(tmp_path, shape, seed=shape[0])
         out = tmp_path / f"out{shape[0]}"
-        done = _run(scene, spec, out)
-        assert "fixed: the network takes only 64x64 px windows" in done.stdout + done.stderr \
-            or json.loads((out / "run.json").read_text())["model"]["window"] == [64, 64]
+        _run(scene, spec, out)
+        assert json.loads((out / "run.json").read_text())["model"]["window"] == [64, 64]
         written = zarr.open_group(str(out / f"{scene.stem}.zarr"), mode="r")["labels"][:]
         assert written.shape == shape
         _same_labels(written, *_whole("fixed_64", scene, spec, multiple=2))
